@@ -1,0 +1,13 @@
+//! Provisioning Relay: turns row changes captured in PostgreSQL (sql/) into handler calls.
+//!
+//! Architecture, one module per concept:
+//! - [`schema`]: the installable SQL (capture triggers, outbox, handler registry), embedded.
+//! - [`db`]: connection pool and the dedicated LISTEN connection.
+//! - [`store`]: claiming, leases and completion of deliveries (the SQL lives next to it).
+//! - [`handlers`]: the handler registry as the relay caches it.
+//! - [`delivery`]: envelope, signing, HTTP and script transports.
+//! - [`retry`]: the persisted retry schedule (a pure function).
+//! - [`worker`]: the dispatcher loop that ties it together.
+//! - [`config`]: configuration layering (file, environment, flags).
+
+pub mod schema;

@@ -1,0 +1,6 @@
+//! The integration-test binary: every test runs against a real PostgreSQL (DATABASE_URL), in a
+//! database of its own, with real HTTP receivers on port 0 and real executables as script handlers.
+
+mod common;
+
+mod capture;

@@ -11,3 +11,12 @@
 //! - [`config`]: configuration layering (file, environment, flags).
 
 pub mod schema;
+pub mod service;
+pub mod config;
+pub mod db;
+pub mod delivery;
+pub mod handlers;
+pub mod retry;
+pub mod store;
+pub mod wakeup;
+pub mod worker;

@@ -116,3 +116,63 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A relay running in-process against a test database, stopped (gracefully) on drop or `stop()`.
+pub struct RunningRelay {
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningRelay {
+    /// Start a relay with test-friendly settings (fast polls, short leases), plus `overrides`.
+    pub async fn start(db: &TestDb, overrides: &[(&str, &str)]) -> RunningRelay {
+        let mut sets: Vec<(String, String)> = vec![
+            ("database_url".into(), db.url.clone()),
+            ("poll_interval_ms".into(), "200".into()),
+            ("lease_margin_ms".into(), "2000".into()),
+            ("shutdown_grace_ms".into(), "2000".into()),
+            ("admin_listen".into(), String::new()),
+            ("relay_name".into(), format!("test-{}", uuid::Uuid::new_v4().simple())),
+        ];
+        sets.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = relay::config::Config::load(None, &[], &sets).expect("test config");
+        let relay = relay::service::build(&config).await.expect("build relay");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        RunningRelay { shutdown, task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.expect("relay task");
+        }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Register a handler with SQL; returns its id.
+pub async fn add_handler(client: &Client, name: &str, events: &[&str], kind: &str, target: &str, extra: &str) -> i64 {
+    let events: Vec<String> = events.iter().map(|s| s.to_string()).collect();
+    let sql = format!(
+        "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ($1, $2, $3, $4) RETURNING id"
+    );
+    let id: i64 = client.query_one(&sql, &[&name, &events, &kind, &target]).await.expect("add handler").get(0);
+    if !extra.is_empty() {
+        client
+            .execute(&format!("UPDATE provisioning.handlers SET {extra} WHERE id = $1"), &[&id])
+            .await
+            .expect("configure handler");
+    }
+    id
+}
+
+/// Count rows of a query returning one bigint.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}

@@ -4,3 +4,6 @@
 mod common;
 
 mod capture;
+mod receiver;
+
+mod delivery;

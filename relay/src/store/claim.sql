@@ -1,0 +1,41 @@
+-- Claim up to $2[i] due deliveries for handler $1[i], oldest first, each only if no earlier
+-- delivery of the same handler and object is unfinished (per-object order). Row locks are held
+-- only by this statement: ownership lives in lease columns, and the claim commits at once.
+-- $3 relay name, $4 claim token, $5[i] lease length in ms for handler $1[i].
+WITH candidates AS (
+    SELECT c.id, h.lease_ms
+      FROM unnest($1::bigint[], $2::int[], $5::int[]) AS h(handler_id, lim, lease_ms)
+     CROSS JOIN LATERAL (
+        SELECT d.id
+          FROM provisioning.deliveries d
+         WHERE d.handler_id = h.handler_id
+           AND d.status = 'pending'
+           AND d.next_attempt_at <= now()
+           AND NOT EXISTS (
+                SELECT 1 FROM provisioning.deliveries e
+                 WHERE e.handler_id = d.handler_id
+                   AND e.entity = d.entity
+                   AND e.object_key = d.object_key
+                   AND e.id < d.id
+                   AND e.status IN ('waiting', 'pending', 'running'))
+         ORDER BY d.id
+         LIMIT h.lim
+           FOR UPDATE SKIP LOCKED
+     ) c
+), claimed AS (
+    UPDATE provisioning.deliveries d
+       SET status = 'running',
+           attempts = d.attempts + 1,
+           lease_owner = $3,
+           lease_token = $4,
+           lease_expires_at = now() + c.lease_ms * interval '1 millisecond',
+           updated_at = now()
+      FROM candidates c
+     WHERE d.id = c.id
+ RETURNING d.id, d.event_id, d.handler_id, d.attempts, d.data, d.stage
+)
+SELECT cl.id, cl.handler_id, cl.attempts, cl.data AS modified_data,
+       e.id AS event_id, e.name, e.entity, e.object_id, e.operation, e.data, e.old_row, e.new_row, e.changed_at
+  FROM claimed cl
+  JOIN provisioning.events e ON e.id = cl.event_id
+ ORDER BY cl.id

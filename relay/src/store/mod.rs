@@ -1,0 +1,246 @@
+//! Claiming and completing deliveries. Every statement here is one round trip, batched, and
+//! commits at once; ownership of in-flight work lives in lease columns guarded by a claim token.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::delivery::envelope::Event;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("no database connection available: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// One claimed delivery with its event.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub delivery_id: i64,
+    pub handler_id: i64,
+    /// Attempt number of this attempt (1 for the first).
+    pub attempt: u32,
+    pub token: i64,
+    /// Data as modified by before-stage handlers, if any.
+    pub modified_data: Option<Value>,
+    pub event: Event,
+}
+
+/// Per-handler claim request.
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    pub handler_id: i64,
+    pub limit: i32,
+    pub lease: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Done,
+    Retry,
+    Dead,
+    /// Give the claim back without counting the attempt (shutdown, handler gone or paused).
+    Release,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Done => "done",
+            Action::Retry => "retry",
+            Action::Dead => "dead",
+            Action::Release => "release",
+        }
+    }
+}
+
+/// The execution-log record of one attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptLog {
+    pub delivery_id: i64,
+    pub event_id: i64,
+    pub handler_id: i64,
+    pub handler_name: String,
+    pub event_name: String,
+    pub object_id: String,
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: f64,
+    pub success: bool,
+    pub http_status: Option<i32>,
+    pub exit_code: Option<i32>,
+    pub request_body: String,
+    pub response: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The outcome of one claimed delivery, to be written back.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub delivery_id: i64,
+    pub handler_id: i64,
+    pub token: i64,
+    pub action: Action,
+    pub delay: Duration,
+    pub error: Option<String>,
+    /// None when no attempt was made (a release).
+    pub log: Option<AttemptLog>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    relay_name: String,
+}
+
+impl Store {
+    pub fn new(pool: Pool, relay_name: String) -> Store {
+        Store { pool, relay_name }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn relay_name(&self) -> &str {
+        &self.relay_name
+    }
+
+    pub async fn claim(&self, wants: &[Want], token: i64) -> Result<Vec<Claimed>, StoreError> {
+        if wants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = wants.iter().map(|w| w.handler_id).collect();
+        let limits: Vec<i32> = wants.iter().map(|w| w.limit).collect();
+        let leases: Vec<i32> = wants.iter().map(|w| w.lease.as_millis().min(i32::MAX as u128) as i32).collect();
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(include_str!("claim.sql")).await?;
+        let rows = client.query(&stmt, &[&ids, &limits, &self.relay_name, &token, &leases]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                delivery_id: r.get("id"),
+                handler_id: r.get("handler_id"),
+                attempt: r.get::<_, i32>("attempts").max(1) as u32,
+                token,
+                modified_data: r.get("modified_data"),
+                event: Event {
+                    id: r.get("event_id"),
+                    name: r.get("name"),
+                    entity: r.get("entity"),
+                    object_id: r.get("object_id"),
+                    operation: r.get("operation"),
+                    data: r.get("data"),
+                    old_row: r.get("old_row"),
+                    new_row: r.get("new_row"),
+                    changed_at: r.get("changed_at"),
+                },
+            })
+            .collect())
+    }
+
+    /// Write a batch of outcomes and their attempt logs in one transaction. Returns how many
+    /// deliveries were actually completed (the rest had lost their lease).
+    pub async fn complete(&self, batch: &[Completion]) -> Result<usize, StoreError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let complete = tx.prepare_cached(include_str!("complete.sql")).await?;
+        let ids: Vec<i64> = batch.iter().map(|c| c.delivery_id).collect();
+        let tokens: Vec<i64> = batch.iter().map(|c| c.token).collect();
+        let actions: Vec<&str> = batch.iter().map(|c| c.action.as_str()).collect();
+        let delays: Vec<i64> = batch.iter().map(|c| c.delay.as_millis() as i64).collect();
+        let errors: Vec<Option<&str>> = batch.iter().map(|c| c.error.as_deref()).collect();
+        let applied = tx.query(&complete, &[&ids, &tokens, &actions, &delays, &errors]).await?.len();
+
+        let logs: Vec<&AttemptLog> = batch.iter().filter_map(|c| c.log.as_ref()).collect();
+        if !logs.is_empty() {
+            let insert = tx.prepare_cached(include_str!("log_attempts.sql")).await?;
+            let c1: Vec<i64> = logs.iter().map(|l| l.delivery_id).collect();
+            let c2: Vec<i64> = logs.iter().map(|l| l.event_id).collect();
+            let c3: Vec<i64> = logs.iter().map(|l| l.handler_id).collect();
+            let c4: Vec<&str> = logs.iter().map(|l| l.handler_name.as_str()).collect();
+            let c5: Vec<&str> = logs.iter().map(|l| l.event_name.as_str()).collect();
+            let c6: Vec<&str> = logs.iter().map(|l| l.object_id.as_str()).collect();
+            let c7: Vec<i32> = logs.iter().map(|l| l.attempt).collect();
+            let c8: Vec<DateTime<Utc>> = logs.iter().map(|l| l.started_at).collect();
+            let c9: Vec<f64> = logs.iter().map(|l| l.duration_ms).collect();
+            let c10: Vec<&str> = logs.iter().map(|l| if l.success { "success" } else { "fail" }).collect();
+            let c11: Vec<Option<i32>> = logs.iter().map(|l| l.http_status).collect();
+            let c12: Vec<Option<i32>> = logs.iter().map(|l| l.exit_code).collect();
+            let c13: Vec<&str> = logs.iter().map(|l| l.request_body.as_str()).collect();
+            let c14: Vec<Option<&str>> = logs.iter().map(|l| l.response.as_deref()).collect();
+            let c15: Vec<Option<&str>> = logs.iter().map(|l| l.error.as_deref()).collect();
+            tx.execute(
+                &insert,
+                &[&c1, &c2, &c3, &c4, &c5, &c6, &c7, &c8, &c9, &c10, &c11, &c12, &c13, &c14, &c15, &self.relay_name],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Return expired leases to the queue (or to dead). Returns how many.
+    pub async fn recover_expired_leases(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        let default_len = crate::retry::DEFAULT_SCHEDULE_MS.len() as i32;
+        Ok(client
+            .execute(include_str!("recover_leases.sql"), &[&default_len, &self.relay_name])
+            .await?)
+    }
+
+    /// Register this relay (or refresh its heartbeat).
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO provisioning.relays (name) VALUES ($1)
+                 ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
+                &[&self.relay_name],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Declare this relay asleep (capture triggers then ring the doorbell) or awake.
+    pub async fn set_sleeping(&self, sleeping: bool) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO provisioning.relays (name, sleeping) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET sleeping = $2, heartbeat_at = now()",
+                &[&self.relay_name, &sleeping],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn unregister(&self) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute("DELETE FROM provisioning.relays WHERE name = $1", &[&self.relay_name])
+            .await?;
+        Ok(())
+    }
+
+    /// A handler answered 410 Gone: pause it, saying why.
+    pub async fn pause_handler(&self, handler_id: i64, reason: &str) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE provisioning.handlers SET status = 'paused', status_reason = $2
+                  WHERE id = $1 AND status = 'enabled'",
+                &[&handler_id, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,554 @@
+//! The dispatcher: claims due deliveries in batches, runs each on a task of its own (bounded per
+//! handler and in total), and funnels outcomes to a completer that writes them back in batches.
+//!
+//! Waking up: when a claim comes back short, the relay declares itself asleep
+//! (`provisioning.relays.sleeping`), claims once more to close the race, and waits for the doorbell
+//! (a NOTIFY that capture triggers send only while some relay sleeps), a completion, the next due
+//! retry, or the poll timer — whichever comes first. Under load a relay never sleeps, so capture
+//! never pays for NOTIFY's commit-time lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::delivery::envelope::render;
+use crate::delivery::http::{HttpTransport, Target};
+use crate::delivery::script::ScriptTransport;
+use crate::delivery::{Reply, Request};
+use crate::handlers::{self, Handler, Kind, Registry, Status};
+use crate::retry::{next_step, NextStep};
+use crate::store::{Action, AttemptLog, Claimed, Completion, Store, Want};
+
+/// Tuning of one relay process.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Poll even without a doorbell (the safety net).
+    pub poll_interval: Duration,
+    /// Most deliveries claimed by one statement.
+    pub claim_batch: usize,
+    /// Most deliveries in flight in this process, over all handlers.
+    pub max_in_flight: usize,
+    /// Lease = handler timeout + this margin.
+    pub lease_margin: Duration,
+    /// Upper bound for a handler's `Retry-After`.
+    pub max_retry_after: Duration,
+    /// Most outcomes written by one completion transaction.
+    pub complete_batch: usize,
+    /// On shutdown, how long in-flight deliveries may take before they are released.
+    pub shutdown_grace: Duration,
+    /// How often expired leases are looked for.
+    pub lease_check_interval: Duration,
+    /// How often handler definitions are reloaded without a notification.
+    pub handler_refresh_interval: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            poll_interval: Duration::from_millis(1000),
+            claim_batch: 500,
+            max_in_flight: 2048,
+            lease_margin: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(3600),
+            complete_batch: 1000,
+            shutdown_grace: Duration::from_secs(10),
+            lease_check_interval: Duration::from_secs(1),
+            handler_refresh_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters shared by the dispatcher and the completer.
+struct Shared {
+    /// Rung by completions (capacity freed), the doorbell, handler changes, recovered leases.
+    wake: Arc<Notify>,
+    in_flight: Mutex<HashMap<i64, u32>>,
+    total_in_flight: AtomicUsize,
+    /// The earliest retry scheduled by this process that is not yet due.
+    next_due: Mutex<Option<Instant>>,
+}
+
+#[derive(Clone)]
+pub struct Transports {
+    pub http: HttpTransport,
+    pub script: ScriptTransport,
+}
+
+/// Everything the relay loop needs; built by the binary (or a test).
+pub struct Relay {
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    pub transports: Transports,
+    pub options: WorkerOptions,
+    /// For the dedicated LISTEN connection.
+    pub listen_config: tokio_postgres::Config,
+}
+
+impl Relay {
+    /// Run until `shutdown` is cancelled; then stop claiming, let in-flight work finish within the
+    /// grace period, release the rest, and return.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Relay { store, registry, transports, options, listen_config } = self;
+        let shared = Arc::new(Shared {
+            wake: Arc::new(Notify::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            total_in_flight: AtomicUsize::new(0),
+            next_due: Mutex::new(None),
+        });
+        let handlers_changed = Arc::new(Notify::new());
+        let background = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        // Initial handler load; the refresher keeps it current.
+        match store.pool().get().await {
+            Ok(client) => match handlers::load(&**client).await {
+                Ok(h) => {
+                    registry.replace(h);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot load handlers; will retry"),
+            },
+            Err(e) => tracing::error!(error = %e, "cannot load handlers; will retry"),
+        }
+        if let Err(e) = store.heartbeat().await {
+            tracing::warn!(error = %e, "cannot register relay");
+        }
+
+        tasks.spawn(crate::wakeup::listen(
+            listen_config,
+            shared.wake.clone(),
+            handlers_changed.clone(),
+            background.clone(),
+        ));
+        tasks.spawn(refresh_handlers(
+            store.clone(),
+            registry.clone(),
+            handlers_changed,
+            shared.wake.clone(),
+            options.handler_refresh_interval,
+            background.clone(),
+        ));
+        tasks.spawn(maintain(store.clone(), shared.wake.clone(), options.lease_check_interval, background.clone()));
+
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
+        let completer = tokio::spawn(complete_loop(store.clone(), shared.clone(), done_rx, options.complete_batch));
+
+        // Deliveries stop on `hard_stop` (after the grace period) and release their claim.
+        let hard_stop = CancellationToken::new();
+        let deliveries = TaskTracker::new();
+        dispatch(
+            &store,
+            &registry,
+            &transports,
+            &options,
+            &shared,
+            &done_tx,
+            &deliveries,
+            &hard_stop,
+            &shutdown,
+        )
+        .await;
+
+        // Shutdown: no more claims. Let in-flight deliveries finish within the grace period.
+        let in_flight = shared.total_in_flight.load(Ordering::SeqCst);
+        tracing::info!(in_flight, grace = ?options.shutdown_grace, "shutting down: claiming stopped");
+        deliveries.close();
+        if tokio::time::timeout(options.shutdown_grace, deliveries.wait()).await.is_err() {
+            tracing::warn!("grace period over: releasing unfinished deliveries");
+            hard_stop.cancel();
+            deliveries.wait().await;
+        }
+        drop(done_tx);
+        let _ = completer.await;
+        background.cancel();
+        tasks.close();
+        tasks.wait().await;
+        if let Err(e) = store.unregister().await {
+            tracing::warn!(error = %e, "cannot unregister relay");
+        }
+        tracing::info!("relay stopped");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    store: &Store,
+    registry: &Arc<Registry>,
+    transports: &Transports,
+    options: &WorkerOptions,
+    shared: &Arc<Shared>,
+    done_tx: &mpsc::UnboundedSender<Completion>,
+    deliveries: &TaskTracker,
+    hard_stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) {
+    let mut sleeping = false;
+    let mut error_backoff = Duration::from_millis(100);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let snapshot = registry.snapshot();
+        let wants = wants(&snapshot, shared, options);
+        let requested: i64 = wants.iter().map(|w| w.limit as i64).sum();
+        let token: i64 = rand::thread_rng().gen();
+        let claimed = match store.claim(&wants, token).await {
+            Ok(c) => {
+                error_backoff = Duration::from_millis(100);
+                c
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "claiming deliveries failed; retrying in {:?}", error_backoff);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(error_backoff) => {}
+                }
+                error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let got = claimed.len() as i64;
+        if got > 0 {
+            start_deliveries(claimed, &snapshot, store, transports, options, shared, done_tx, deliveries, hard_stop);
+        }
+        if requested > 0 && got == requested {
+            // Under load: stay awake, claim again as soon as capacity allows.
+            if sleeping {
+                sleeping = false;
+                if let Err(e) = store.set_sleeping(false).await {
+                    tracing::warn!(error = %e, "cannot update relay state");
+                }
+            }
+            continue;
+        }
+        if requested > 0 && !sleeping {
+            // The queue looks drained: ask for the doorbell, then look once more (a change that
+            // committed while we were setting the flag did not ring).
+            match store.set_sleeping(true).await {
+                Ok(()) => sleeping = true,
+                Err(e) => tracing::warn!(error = %e, "cannot update relay state"),
+            }
+            continue;
+        }
+        // Wait for a reason to claim again.
+        let deadline = {
+            let mut due = shared.next_due.lock().expect("next_due lock");
+            let poll_at = Instant::now() + options.poll_interval;
+            match *due {
+                Some(d) if d <= poll_at => {
+                    if d <= Instant::now() {
+                        *due = None;
+                        continue;
+                    }
+                    d
+                }
+                _ => poll_at,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let mut due = shared.next_due.lock().expect("next_due lock");
+                if matches!(*due, Some(d) if d <= Instant::now()) {
+                    *due = None;
+                }
+            }
+        }
+    }
+}
+
+/// How many deliveries to ask for, per enabled handler, within the per-handler and total limits.
+fn wants(snapshot: &HashMap<i64, Arc<Handler>>, shared: &Shared, options: &WorkerOptions) -> Vec<Want> {
+    let total = shared.total_in_flight.load(Ordering::SeqCst);
+    let mut room = options.max_in_flight.saturating_sub(total).min(options.claim_batch);
+    let in_flight = shared.in_flight.lock().expect("in_flight lock");
+    let mut handlers: Vec<&Arc<Handler>> = snapshot.values().filter(|h| h.status == Status::Enabled).collect();
+    handlers.sort_by_key(|h| (h.priority, h.id));
+    let mut out = Vec::new();
+    for h in handlers {
+        if room == 0 {
+            break;
+        }
+        let busy = in_flight.get(&h.id).copied().unwrap_or(0);
+        let free = (h.max_in_flight.saturating_sub(busy) as usize).min(room);
+        if free > 0 {
+            room -= free;
+            out.push(Want { handler_id: h.id, limit: free as i32, lease: h.timeout + options.lease_margin });
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_deliveries(
+    mut claimed: Vec<Claimed>,
+    snapshot: &HashMap<i64, Arc<Handler>>,
+    store: &Store,
+    transports: &Transports,
+    options: &WorkerOptions,
+    shared: &Arc<Shared>,
+    done_tx: &mpsc::UnboundedSender<Completion>,
+    deliveries: &TaskTracker,
+    hard_stop: &CancellationToken,
+) {
+    // Dispatch order: event order, then handler priority.
+    claimed.sort_by_key(|c| (c.event.id, snapshot.get(&c.handler_id).map(|h| h.priority).unwrap_or(i32::MAX)));
+    {
+        let mut in_flight = shared.in_flight.lock().expect("in_flight lock");
+        for c in &claimed {
+            *in_flight.entry(c.handler_id).or_default() += 1;
+        }
+        shared.total_in_flight.fetch_add(claimed.len(), Ordering::SeqCst);
+    }
+    for c in claimed {
+        let handler = snapshot.get(&c.handler_id).cloned();
+        let transports = transports.clone();
+        let store = store.clone();
+        let done_tx = done_tx.clone();
+        let hard_stop = hard_stop.clone();
+        let max_retry_after = options.max_retry_after;
+        deliveries.spawn(async move {
+            let (delivery_id, handler_id, token) = (c.delivery_id, c.handler_id, c.token);
+            let completion = tokio::select! {
+                biased;
+                _ = hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
+                done = deliver(handler, c, &transports, &store, max_retry_after) => done,
+            };
+            let _ = done_tx.send(completion);
+        });
+    }
+}
+
+fn release(delivery_id: i64, handler_id: i64, token: i64, why: &str) -> Completion {
+    Completion {
+        delivery_id,
+        handler_id,
+        token,
+        action: Action::Release,
+        delay: Duration::ZERO,
+        error: Some(why.to_string()),
+        log: None,
+    }
+}
+
+/// The Standard Webhooks id: one per event × handler, the same on every attempt and replay.
+pub fn webhook_id(event_id: i64, handler_id: i64) -> String {
+    format!("evt_{event_id}_h{handler_id}")
+}
+
+async fn deliver(
+    handler: Option<Arc<Handler>>,
+    c: Claimed,
+    transports: &Transports,
+    store: &Store,
+    max_retry_after: Duration,
+) -> Completion {
+    let Some(handler) = handler.filter(|h| h.status == Status::Enabled) else {
+        // Removed, paused or disabled between claim and start: hand it back untouched.
+        return release(c.delivery_id, c.handler_id, c.token, "handler not enabled when the attempt was due");
+    };
+    let body = render(&c.event, c.modified_data.as_ref(), handler.format);
+    let req = Request {
+        webhook_id: webhook_id(c.event.id, handler.id),
+        event_name: c.event.name.clone(),
+        handler_name: handler.name.clone(),
+        attempt: c.attempt,
+        body,
+        timeout: handler.timeout,
+    };
+    let started_at = Utc::now();
+    let reply = match &handler.kind {
+        Kind::Http { url } => {
+            let target = Target { url, headers: &handler.headers, secret: handler.secret.as_deref() };
+            transports.http.send(&target, &req).await
+        }
+        Kind::Script { program, args } => transports.script.run(program, args, &req).await,
+    };
+    outcome(&handler, c, req, reply, started_at, store, max_retry_after).await
+}
+
+async fn outcome(
+    handler: &Handler,
+    c: Claimed,
+    req: Request,
+    reply: Reply,
+    started_at: chrono::DateTime<Utc>,
+    store: &Store,
+    max_retry_after: Duration,
+) -> Completion {
+    let (action, delay) = if reply.success {
+        (Action::Done, Duration::ZERO)
+    } else if reply.gone {
+        let reason = format!("paused by the relay: the handler answered 410 Gone at {}", Utc::now().to_rfc3339());
+        if let Err(e) = store.pause_handler(handler.id, &reason).await {
+            tracing::error!(handler = %handler.name, error = %e, "cannot pause handler after 410 Gone");
+        }
+        tracing::warn!(handler = %handler.name, "handler answered 410 Gone: paused; resume it to deliver its backlog");
+        (Action::Release, Duration::ZERO)
+    } else {
+        let r: f64 = rand::thread_rng().gen();
+        match next_step(&handler.retry_schedule_ms, c.attempt, r, reply.retry_after, max_retry_after) {
+            NextStep::RetryAfter(d) => (Action::Retry, d),
+            NextStep::Dead => (Action::Dead, Duration::ZERO),
+        }
+    };
+    if !reply.success {
+        tracing::warn!(
+            handler = %handler.name, event = %c.event.name, event_id = c.event.id, attempt = c.attempt,
+            error = reply.error.as_deref().unwrap_or(""), next = ?action, delay_ms = delay.as_millis() as u64,
+            "delivery attempt failed"
+        );
+    }
+    let log = AttemptLog {
+        delivery_id: c.delivery_id,
+        event_id: c.event.id,
+        handler_id: handler.id,
+        handler_name: handler.name.clone(),
+        event_name: c.event.name.clone(),
+        object_id: match &c.event.object_id {
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        },
+        attempt: c.attempt as i32,
+        started_at,
+        duration_ms: reply.duration.as_secs_f64() * 1000.0,
+        success: reply.success,
+        http_status: reply.http_status.map(i32::from),
+        exit_code: reply.exit_code,
+        request_body: req.body,
+        response: reply.response,
+        error: reply.error.clone(),
+    };
+    Completion {
+        delivery_id: c.delivery_id,
+        handler_id: c.handler_id,
+        token: c.token,
+        action,
+        delay,
+        error: if reply.success { None } else { reply.error },
+        log: Some(log),
+    }
+}
+
+/// Write outcomes back in batches; never drop one (retry while the database is away).
+async fn complete_loop(
+    store: Store,
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Completion>,
+    batch_size: usize,
+) {
+    let mut batch: Vec<Completion> = Vec::with_capacity(batch_size);
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(c) => batch.push(c),
+                None => return,
+            }
+        }
+        while batch.len() < batch_size {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match store.complete(&batch).await {
+                Ok(applied) => {
+                    if applied < batch.len() {
+                        tracing::warn!(
+                            lost = batch.len() - applied,
+                            "some outcomes arrived after their lease expired; another relay owns them now"
+                        );
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, pending = batch.len(), "cannot record outcomes; retrying in {:?}", backoff);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        {
+            let mut in_flight = shared.in_flight.lock().expect("in_flight lock");
+            let mut due = shared.next_due.lock().expect("next_due lock");
+            let now = Instant::now();
+            for c in &batch {
+                if let Some(n) = in_flight.get_mut(&c.handler_id) {
+                    *n = n.saturating_sub(1);
+                }
+                if c.action == Action::Retry {
+                    let at = now + c.delay;
+                    *due = Some(due.map_or(at, |d| d.min(at)));
+                }
+            }
+            shared.total_in_flight.fetch_sub(batch.len(), Ordering::SeqCst);
+        }
+        batch.clear();
+        shared.wake.notify_one();
+    }
+}
+
+/// Reload handler definitions on notification or every `interval`.
+async fn refresh_handlers(
+    store: Store,
+    registry: Arc<Registry>,
+    changed: Arc<Notify>,
+    wake: Arc<Notify>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let loaded = match store.pool().get().await {
+            Ok(client) => handlers::load(&**client).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match loaded {
+            Ok(h) => {
+                if registry.replace(h) {
+                    tracing::info!("handler definitions changed; applied");
+                    wake.notify_one();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload handlers; keeping the previous definitions"),
+        }
+    }
+}
+
+/// Heartbeat and lease recovery.
+async fn maintain(store: Store, wake: Arc<Notify>, interval: Duration, stop: CancellationToken) {
+    let mut last_heartbeat = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match store.recover_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(recovered = n, "expired leases returned to the queue");
+                wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "lease recovery failed"),
+        }
+        if last_heartbeat.elapsed() >= Duration::from_secs(5) {
+            last_heartbeat = Instant::now();
+            if let Err(e) = store.heartbeat().await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+}

@@ -266,6 +266,9 @@ CREATE INDEX IF NOT EXISTS deliveries_claim ON provisioning.deliveries (handler_
 -- Per-object order: is there an earlier unfinished delivery for this handler and object?
 CREATE INDEX IF NOT EXISTS deliveries_order ON provisioning.deliveries (handler_id, entity, object_key, id)
     WHERE status IN ('waiting', 'pending', 'running');
+-- While an event's before-stage is unresolved, later events of the same object wait (all handlers).
+CREATE INDEX IF NOT EXISTS deliveries_before_hold ON provisioning.deliveries (entity, object_key, event_id)
+    WHERE stage = 'before' AND status IN ('waiting', 'pending', 'running');
 -- Lease recovery.
 CREATE INDEX IF NOT EXISTS deliveries_leases ON provisioning.deliveries (lease_expires_at) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS deliveries_event ON provisioning.deliveries (event_id);
@@ -387,9 +390,19 @@ BEGIN
 END
 $fn$;
 
+-- How captures, capture_events and events name a table: schema-qualified and quoted, whatever the
+-- search_path (regclass::text would drop the schema when it is on the search_path).
+CREATE OR REPLACE FUNCTION provisioning.relation_name(p_table regclass) RETURNS text
+LANGUAGE sql STABLE AS $fn$
+    SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table
+$fn$;
+
 -- Attach capture to a table: names the entity (object kind) and the key column.
 CREATE OR REPLACE FUNCTION provisioning.attach(p_table regclass, p_entity text, p_key_column text DEFAULT 'id')
 RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE v_prev provisioning.captures;
 BEGIN
     IF p_entity IS NULL OR p_entity !~ '^[a-z_][a-z0-9_.]*$' THEN
         RAISE EXCEPTION 'cannot attach capture to %: entity % must be lower-case letters, digits, _ or .', p_table, coalesce(quote_literal(p_entity), 'NULL');
@@ -397,9 +410,14 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = p_table AND attname = p_key_column AND attnum > 0 AND NOT attisdropped) THEN
         RAISE EXCEPTION 'cannot attach capture to %: key column % does not exist', p_table, quote_ident(p_key_column);
     END IF;
+    SELECT * INTO v_prev FROM provisioning.captures WHERE relation = provisioning.relation_name(p_table);
     INSERT INTO provisioning.captures (relation, entity, key_column)
-    VALUES (p_table::text, p_entity, p_key_column)
+    VALUES (provisioning.relation_name(p_table), p_entity, p_key_column)
     ON CONFLICT (relation) DO UPDATE SET entity = EXCLUDED.entity, key_column = EXCLUDED.key_column;
+    -- re-attached with another entity or key: the declared events' triggers carry both as arguments
+    IF v_prev.relation IS NOT NULL AND (v_prev.entity, v_prev.key_column) IS DISTINCT FROM (p_entity, p_key_column) THEN
+        PERFORM provisioning.refresh(p_table);
+    END IF;
 END
 $fn$;
 
@@ -428,7 +446,7 @@ BEGIN
     IF p_event IS NULL OR p_event !~ '^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+$' THEN
         RAISE EXCEPTION 'event %: the name must be dotted lower-case words like clients.update', coalesce(quote_literal(p_event), 'NULL');
     END IF;
-    SELECT * INTO c FROM provisioning.captures WHERE relation = p_table::text;
+    SELECT * INTO c FROM provisioning.captures WHERE relation = provisioning.relation_name(p_table);
     IF NOT FOUND THEN
         RAISE EXCEPTION 'event %: table % has no capture attached', p_event, p_table
             USING HINT = format('Run SELECT provisioning.attach(%L, ''<entity>'', ''<key column>'') first.', p_table::text);
@@ -458,8 +476,9 @@ BEGIN
 
     -- "changed" events fire only when a non-excluded column changed: a row comparison, generated now.
     IF p_data = 'changed' THEN
-        SELECT string_agg(format('old.%1$I', attname), ', ' ORDER BY attnum),
-               string_agg(format('new.%1$I', attname), ', ' ORDER BY attnum)
+        -- json has no equality operator: compare it as jsonb (as the reported data does)
+        SELECT string_agg(format(CASE WHEN atttypid = 'json'::regtype THEN 'old.%1$I::jsonb' ELSE 'old.%1$I' END, attname), ', ' ORDER BY attnum),
+               string_agg(format(CASE WHEN atttypid = 'json'::regtype THEN 'new.%1$I::jsonb' ELSE 'new.%1$I' END, attname), ', ' ORDER BY attnum)
           INTO v_changed, v_col
           FROM pg_attribute
          WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
@@ -494,7 +513,7 @@ BEGIN
     -- Triggers of one table fire in name order: the zero-padded position makes that the documented order.
     v_trig := format('prov_%s_%s_%s', lpad(v_pos::text, 4, '0'), p_event, p_operation);
     IF length(v_trig) > 63 THEN
-        v_trig := left(v_trig, 54) || '_' || left(md5(p_event), 8);
+        v_trig := left(v_trig, 54) || '_' || left(md5(p_event || ' ' || p_operation), 8);
     END IF;
 
     BEGIN
@@ -533,10 +552,10 @@ CREATE OR REPLACE FUNCTION provisioning.detach(p_table regclass) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE e record;
 BEGIN
-    FOR e IN SELECT DISTINCT event FROM provisioning.capture_events WHERE relation = p_table::text LOOP
+    FOR e IN SELECT DISTINCT event FROM provisioning.capture_events WHERE relation = provisioning.relation_name(p_table) LOOP
         PERFORM provisioning.drop_event(e.event);
     END LOOP;
-    DELETE FROM provisioning.captures WHERE relation = p_table::text;
+    DELETE FROM provisioning.captures WHERE relation = provisioning.relation_name(p_table);
 END
 $fn$;
 
@@ -546,10 +565,190 @@ CREATE OR REPLACE FUNCTION provisioning.refresh(p_table regclass) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE e provisioning.capture_events;
 BEGIN
-    FOR e IN SELECT * FROM provisioning.capture_events WHERE relation = p_table::text ORDER BY position LOOP
+    FOR e IN SELECT * FROM provisioning.capture_events WHERE relation = provisioning.relation_name(p_table) ORDER BY position LOOP
         PERFORM provisioning.declare_event(e.event, p_table, e.operation, e.condition, e.data_shape,
                                            e.exclude_columns, e.json_column, e.position);
     END LOOP;
+END
+$fn$;
+
+------------------------------------------------------------------------------------------------------
+-- Before-stage decisions. A before-stage handler's reply is turned into allow / modify / forbid by
+-- the relay; these functions apply it after the fact, in the relay's completion transaction:
+-- guarded (the source row must still equal the event's new image, locked), silent (no new events),
+-- and never fatal (a failing write-back is recorded on the event, not retried forever).
+------------------------------------------------------------------------------------------------------
+
+-- The source row of an event, locked; NULL when it no longer exists.
+CREATE OR REPLACE FUNCTION provisioning.lock_source_row(e provisioning.events, c provisioning.captures)
+RETURNS jsonb LANGUAGE plpgsql AS $fn$
+DECLARE cur jsonb;
+BEGIN
+    -- The key is compared in its own type (populated from JSON), so the table's index is used.
+    EXECUTE format('SELECT to_jsonb(t) FROM %1$s t WHERE t.%2$I = (jsonb_populate_record(NULL::%1$s, $1)).%2$I FOR UPDATE',
+                   e.relation, c.key_column)
+       INTO cur USING jsonb_build_object(c.key_column, e.object_id);
+    RETURN cur;
+END
+$fn$;
+
+-- Apply a decision to the source row of event e. Returns 'allowed', 'modified', 'forbidden',
+-- 'conflict' (the row changed since the event: nothing written) or 'failed' (the write raised an
+-- error: nothing written; the reason is stored on the event).
+CREATE OR REPLACE FUNCTION provisioning.apply_decision(p_event bigint, p_decision text, p_changes jsonb, p_reason text)
+RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+    e    provisioning.events;
+    c    provisioning.captures;
+    cur  jsonb;
+    cols text;
+    setlist text;
+    v_result text;
+    v_reason text := p_reason;
+BEGIN
+    SELECT * INTO e FROM provisioning.events WHERE id = p_event FOR UPDATE;
+    SELECT * INTO c FROM provisioning.captures WHERE relation = e.relation;
+    IF p_decision = 'allow' OR (p_decision = 'modify' AND (p_changes IS NULL OR p_changes = '{}')) THEN
+        v_result := 'allowed';
+    ELSIF c.relation IS NULL OR to_regclass(e.relation) IS NULL THEN
+        v_result := 'failed';
+        v_reason := format('source table %s is no longer captured or no longer exists', e.relation);
+    ELSE
+        -- Changes made here must not be captured as new events.
+        PERFORM set_config('provisioning.suppress', 'on', true);
+        BEGIN
+            cur := provisioning.lock_source_row(e, c);
+            IF p_decision = 'modify' AND e.operation = 'delete' THEN
+                v_result := 'allowed';
+                v_reason := 'modify on a delete: nothing to write back';
+            ELSIF e.operation <> 'delete' AND cur IS DISTINCT FROM e.new_row THEN
+                v_result := 'conflict';
+                v_reason := format('the row changed after the event (now %s); %s not applied',
+                                   coalesce(left(cur::text, 500), 'deleted'), p_decision);
+            ELSIF e.operation = 'delete' AND cur IS NOT NULL THEN
+                v_result := 'conflict';
+                v_reason := 'a row with the same key exists again; delete not undone';
+            ELSIF p_decision = 'modify' THEN
+                SELECT string_agg(format('%1$I = r.%1$I', attname), ', ') INTO setlist
+                  FROM pg_attribute
+                 WHERE attrelid = e.relation::regclass AND attnum > 0 AND NOT attisdropped
+                   AND attgenerated = '' AND attidentity <> 'a' AND p_changes ? attname::text;
+                IF setlist IS NOT NULL THEN
+                    EXECUTE format('UPDATE %1$s t SET %2$s FROM jsonb_populate_record(NULL::%1$s, $1) r WHERE t.%3$I = r.%3$I',
+                                   e.relation, setlist, c.key_column)
+                      USING e.new_row || p_changes;
+                END IF;
+                v_result := 'modified';
+            ELSIF e.operation = 'insert' THEN
+                EXECUTE format('DELETE FROM %1$s t WHERE t.%2$I = (jsonb_populate_record(NULL::%1$s, $1)).%2$I',
+                               e.relation, c.key_column)
+                  USING jsonb_build_object(c.key_column, e.object_id);
+                v_result := 'forbidden';
+            ELSIF e.operation = 'update' THEN
+                SELECT string_agg(format('%1$I = r.%1$I', attname), ', ') INTO setlist
+                  FROM pg_attribute
+                 WHERE attrelid = e.relation::regclass AND attnum > 0 AND NOT attisdropped
+                   AND attgenerated = '' AND attidentity <> 'a';
+                EXECUTE format('UPDATE %1$s t SET %2$s FROM jsonb_populate_record(NULL::%1$s, $1) r WHERE t.%3$I = (jsonb_populate_record(NULL::%1$s, $2)).%3$I',
+                               e.relation, setlist, c.key_column)
+                  USING e.old_row, jsonb_build_object(c.key_column, e.object_id);
+                v_result := 'forbidden';
+            ELSE -- delete: put the row back
+                SELECT string_agg(quote_ident(attname), ', ') INTO cols
+                  FROM pg_attribute
+                 WHERE attrelid = e.relation::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+                EXECUTE format('INSERT INTO %1$s (%2$s) OVERRIDING SYSTEM VALUE SELECT %2$s FROM jsonb_populate_record(NULL::%1$s, $1)',
+                               e.relation, cols)
+                  USING e.old_row;
+                v_result := 'forbidden';
+            END IF;
+        EXCEPTION WHEN others THEN
+            v_result := 'failed';
+            v_reason := format('%s could not be applied: %s', p_decision, SQLERRM);
+        END;
+        PERFORM set_config('provisioning.suppress', '', true);
+    END IF;
+    UPDATE provisioning.events SET decision = v_result, decision_reason = v_reason WHERE id = p_event;
+    RETURN v_result;
+END
+$fn$;
+
+-- A before-stage delivery succeeded with a decision. Fenced by the claim token (returns 'lost' if
+-- this relay no longer owns it). Passes the (possibly modified) data to the next before-stage
+-- handler, or — at the end of the chain, or on forbid — applies the decision and releases (or
+-- skips) the event's after-stage deliveries. p_data: the data after this handler.
+CREATE OR REPLACE FUNCTION provisioning.resolve_before(p_delivery bigint, p_token bigint, p_decision text,
+                                                       p_data jsonb, p_reason text)
+RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+    d provisioning.deliveries;
+    e provisioning.events;
+    v_next bigint;
+    v_changes jsonb;
+    v_result text;
+BEGIN
+    DELETE FROM provisioning.deliveries
+     WHERE id = p_delivery AND lease_token = p_token AND status = 'running'
+    RETURNING * INTO d;
+    IF NOT FOUND THEN
+        RETURN 'lost';
+    END IF;
+    SELECT * INTO e FROM provisioning.events WHERE id = d.event_id;
+
+    IF p_decision = 'forbid' THEN
+        v_result := provisioning.apply_decision(e.id, 'forbid', NULL, p_reason);
+        UPDATE provisioning.deliveries
+           SET status = 'skipped', updated_at = now(),
+               last_error = format('event %s by before-stage handler %s', v_result, d.handler_id)
+         WHERE event_id = e.id AND status IN ('waiting', 'pending');
+        RETURN v_result;
+    END IF;
+
+    SELECT id INTO v_next FROM provisioning.deliveries
+     WHERE event_id = e.id AND stage = 'before' AND status IN ('waiting', 'skipped')
+     ORDER BY priority, id LIMIT 1;
+    IF v_next IS NOT NULL THEN
+        UPDATE provisioning.deliveries
+           SET status = 'pending', data = p_data, next_attempt_at = now(), last_error = NULL, updated_at = now()
+         WHERE id = v_next;
+        RETURN 'next';
+    END IF;
+
+    SELECT coalesce(jsonb_object_agg(n.key, n.value), '{}') INTO v_changes
+      FROM jsonb_each(coalesce(p_data, e.data)) n
+     WHERE e.data -> n.key IS DISTINCT FROM n.value;
+    v_result := provisioning.apply_decision(e.id, CASE WHEN v_changes = '{}' THEN 'allow' ELSE 'modify' END, v_changes, NULL);
+    IF v_result IN ('allowed', 'modified') THEN
+        UPDATE provisioning.deliveries
+           SET status = 'pending', data = CASE WHEN v_changes = '{}' THEN NULL ELSE p_data END,
+               next_attempt_at = now(), last_error = NULL, updated_at = now()
+         WHERE event_id = e.id AND stage = 'after' AND status IN ('waiting', 'skipped');
+    ELSE
+        UPDATE provisioning.deliveries
+           SET status = 'skipped', updated_at = now(), last_error = format('event %s: after-stage not called', v_result)
+         WHERE event_id = e.id AND status = 'waiting';
+    END IF;
+    RETURN v_result;
+END
+$fn$;
+
+-- A before-stage delivery went dead: the decision is unknown. The change stays (it committed and we
+-- cannot know whether it should not have), the event is flagged 'dead', after-stage handlers are
+-- not called; retrying the dead delivery resumes the chain.
+CREATE OR REPLACE FUNCTION provisioning.before_dead(p_delivery bigint) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE d provisioning.deliveries;
+BEGIN
+    SELECT * INTO d FROM provisioning.deliveries WHERE id = p_delivery AND status = 'dead';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE provisioning.events
+       SET decision = 'dead', decision_reason = format('before-stage handler %s is dead: %s', d.handler_id, d.last_error)
+     WHERE id = d.event_id;
+    UPDATE provisioning.deliveries
+       SET status = 'skipped', updated_at = now(), last_error = 'before-stage handler dead: decision unknown'
+     WHERE event_id = d.event_id AND status = 'waiting';
 END
 $fn$;
 

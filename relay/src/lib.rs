@@ -14,6 +14,7 @@ pub mod schema;
 pub mod service;
 pub mod config;
 pub mod db;
+pub mod decisions;
 pub mod delivery;
 pub mod handlers;
 pub mod retry;

@@ -335,6 +335,9 @@ fn release(delivery_id: i64, handler_id: i64, token: i64, why: &str) -> Completi
         delay: Duration::ZERO,
         error: Some(why.to_string()),
         log: None,
+        decision: None,
+        before_stage: false,
+        sent_data: None,
     }
 }
 
@@ -378,11 +381,24 @@ async fn outcome(
     handler: &Handler,
     c: Claimed,
     req: Request,
-    reply: Reply,
+    mut reply: Reply,
     started_at: chrono::DateTime<Utc>,
     store: &Store,
     max_retry_after: Duration,
 ) -> Completion {
+    let before_stage = c.stage == "before";
+    let sent_data = c.modified_data.clone().unwrap_or_else(|| c.event.data.clone());
+    let mut decision = None;
+    if before_stage && reply.success {
+        match crate::decisions::parse(reply.response.as_deref().unwrap_or(""), &sent_data) {
+            Ok(d) => decision = Some(d),
+            Err(e) => {
+                // Not a decision: a failed attempt, retried on schedule; never taken as "allow".
+                reply.success = false;
+                reply.error = Some(e);
+            }
+        }
+    }
     let (action, delay) = if reply.success {
         (Action::Done, Duration::ZERO)
     } else if reply.gone {
@@ -434,6 +450,9 @@ async fn outcome(
         delay,
         error: if reply.success { None } else { reply.error },
         log: Some(log),
+        decision,
+        before_stage,
+        sent_data: before_stage.then_some(sent_data),
     }
 }
 

@@ -7,3 +7,4 @@ mod capture;
 mod receiver;
 
 mod delivery;
+mod before;

@@ -18,6 +18,14 @@ WITH candidates AS (
                    AND e.object_key = d.object_key
                    AND e.id < d.id
                    AND e.status IN ('waiting', 'pending', 'running'))
+           AND NOT EXISTS (
+                -- an earlier event of this object still has its before-stage decision pending
+                SELECT 1 FROM provisioning.deliveries b
+                 WHERE b.entity = d.entity
+                   AND b.object_key = d.object_key
+                   AND b.stage = 'before'
+                   AND b.event_id < d.event_id
+                   AND b.status IN ('waiting', 'pending', 'running'))
          ORDER BY d.id
          LIMIT h.lim
            FOR UPDATE SKIP LOCKED
@@ -34,7 +42,7 @@ WITH candidates AS (
      WHERE d.id = c.id
  RETURNING d.id, d.event_id, d.handler_id, d.attempts, d.data, d.stage
 )
-SELECT cl.id, cl.handler_id, cl.attempts, cl.data AS modified_data,
+SELECT cl.id, cl.handler_id, cl.attempts, cl.stage, cl.data AS modified_data,
        e.id AS event_id, e.name, e.entity, e.object_id, e.operation, e.data, e.old_row, e.new_row, e.changed_at
   FROM claimed cl
   JOIN provisioning.events e ON e.id = cl.event_id

@@ -8,6 +8,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::decisions::Decision;
 use crate::delivery::envelope::Event;
 
 #[derive(Debug, Error)]
@@ -26,6 +27,8 @@ pub struct Claimed {
     /// Attempt number of this attempt (1 for the first).
     pub attempt: u32,
     pub token: i64,
+    /// `before` or `after`: the stage the delivery was captured for.
+    pub stage: String,
     /// Data as modified by before-stage handlers, if any.
     pub modified_data: Option<Value>,
     pub event: Event,
@@ -90,6 +93,12 @@ pub struct Completion {
     pub error: Option<String>,
     /// None when no attempt was made (a release).
     pub log: Option<AttemptLog>,
+    /// A before-stage delivery: its decision (with `Action::Done`), or `None` for other outcomes.
+    pub decision: Option<Decision>,
+    /// True for a before-stage delivery (dead ones mark their event).
+    pub before_stage: bool,
+    /// The data the handler was sent (before-stage: passed on when it allows).
+    pub sent_data: Option<serde_json::Value>,
 }
 
 #[derive(Clone)]
@@ -128,6 +137,7 @@ impl Store {
                 handler_id: r.get("handler_id"),
                 attempt: r.get::<_, i32>("attempts").max(1) as u32,
                 token,
+                stage: r.get("stage"),
                 modified_data: r.get("modified_data"),
                 event: Event {
                     id: r.get("event_id"),
@@ -152,13 +162,50 @@ impl Store {
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        let (decided, plain): (Vec<&Completion>, Vec<&Completion>) = batch.iter().partition(|c| c.decision.is_some());
         let complete = tx.prepare_cached(include_str!("complete.sql")).await?;
-        let ids: Vec<i64> = batch.iter().map(|c| c.delivery_id).collect();
-        let tokens: Vec<i64> = batch.iter().map(|c| c.token).collect();
-        let actions: Vec<&str> = batch.iter().map(|c| c.action.as_str()).collect();
-        let delays: Vec<i64> = batch.iter().map(|c| c.delay.as_millis() as i64).collect();
-        let errors: Vec<Option<&str>> = batch.iter().map(|c| c.error.as_deref()).collect();
-        let applied = tx.query(&complete, &[&ids, &tokens, &actions, &delays, &errors]).await?.len();
+        let ids: Vec<i64> = plain.iter().map(|c| c.delivery_id).collect();
+        let tokens: Vec<i64> = plain.iter().map(|c| c.token).collect();
+        let actions: Vec<&str> = plain.iter().map(|c| c.action.as_str()).collect();
+        let delays: Vec<i64> = plain.iter().map(|c| c.delay.as_millis() as i64).collect();
+        let errors: Vec<Option<&str>> = plain.iter().map(|c| c.error.as_deref()).collect();
+        let mut applied = tx.query(&complete, &[&ids, &tokens, &actions, &delays, &errors]).await?.len();
+
+        // Before-stage: dead ones flag their event; decided ones are resolved one by one (guarded
+        // write-back or undo, next handler of the chain, after-stage release).
+        for c in plain.iter().filter(|c| c.before_stage && c.action == Action::Dead) {
+            tx.execute("SELECT provisioning.before_dead($1)", &[&c.delivery_id]).await?;
+        }
+        for c in &decided {
+            let decision = c.decision.as_ref().expect("partitioned on decision");
+            let (data, reason): (Option<&serde_json::Value>, Option<&str>) = match decision {
+                Decision::Allow => (None, None),
+                Decision::Modify(d) => (Some(d), None),
+                Decision::Forbid(r) => (None, Some(r.as_str())),
+            };
+            let data = match data {
+                Some(d) => Some(d.clone()),
+                None => c.sent_data.clone(),
+            };
+            let row = tx
+                .query_one(
+                    "SELECT provisioning.resolve_before($1, $2, $3, $4, $5)",
+                    &[&c.delivery_id, &c.token, &decision.as_str(), &data, &reason],
+                )
+                .await?;
+            let result: String = row.get(0);
+            match result.as_str() {
+                "lost" => {}
+                "conflict" | "failed" => {
+                    applied += 1;
+                    tracing::error!(
+                        delivery = c.delivery_id, decision = decision.as_str(), result = %result,
+                        "before-stage decision NOT applied: the source row changed since the event or the write failed; see provisioning.events.decision_reason"
+                    );
+                }
+                _ => applied += 1,
+            }
+        }
 
         let logs: Vec<&AttemptLog> = batch.iter().filter_map(|c| c.log.as_ref()).collect();
         if !logs.is_empty() {

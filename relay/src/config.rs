@@ -59,13 +59,24 @@ impl Default for Config {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: String, message: String },
     #[error("unknown configuration key `{key}` (from {origin}); known keys: {known}")]
-    UnknownKey { key: String, origin: String, known: String },
+    UnknownKey {
+        key: String,
+        origin: String,
+        known: String,
+    },
     #[error("bad value for `{key}` (from {origin}): {problem}")]
-    BadValue { key: String, origin: String, problem: String },
+    BadValue {
+        key: String,
+        origin: String,
+        problem: String,
+    },
 }
 
 impl Config {
@@ -82,13 +93,23 @@ impl Config {
 
         if let Some(path) = file {
             let p = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-            let table: toml::Table = text
-                .parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax { path: p.clone(), message: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    })?;
             for (k, v) in table {
                 let Some(default) = defaults.get(&k) else {
-                    return Err(ConfigError::UnknownKey { key: k, origin: p, known: known() });
+                    return Err(ConfigError::UnknownKey {
+                        key: k,
+                        origin: p,
+                        known: known(),
+                    });
                 };
                 if std::mem::discriminant(default) != std::mem::discriminant(&v) {
                     return Err(ConfigError::BadValue {
@@ -107,28 +128,52 @@ impl Config {
             merged.insert("database_url".into(), toml::Value::String(v.clone()));
         }
         for (name, value) in env {
-            let Some(suffix) = name.strip_prefix("RELAY_") else { continue };
+            let Some(suffix) = name.strip_prefix("RELAY_") else {
+                continue;
+            };
             if name == "RELAY_CONFIG" || name == "RELAY_LOG" {
                 continue; // read by the binary itself
             }
             let key = suffix.to_ascii_lowercase();
             let Some(default) = defaults.get(&key) else {
-                return Err(ConfigError::UnknownKey { key, origin: format!("environment variable {name}"), known: known() });
+                return Err(ConfigError::UnknownKey {
+                    key,
+                    origin: format!("environment variable {name}"),
+                    known: known(),
+                });
             };
-            merged.insert(key.clone(), parse_like(default, value, &key, &format!("environment variable {name}"))?);
+            merged.insert(
+                key.clone(),
+                parse_like(
+                    default,
+                    value,
+                    &key,
+                    &format!("environment variable {name}"),
+                )?,
+            );
         }
         for (key, value) in overrides {
             let Some(default) = defaults.get(key) else {
-                return Err(ConfigError::UnknownKey { key: key.clone(), origin: "command line".into(), known: known() });
+                return Err(ConfigError::UnknownKey {
+                    key: key.clone(),
+                    origin: "command line".into(),
+                    known: known(),
+                });
             };
-            merged.insert(key.clone(), parse_like(default, value, key, "command line")?);
+            merged.insert(
+                key.clone(),
+                parse_like(default, value, key, "command line")?,
+            );
         }
 
-        let config: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
-            key: "?".into(),
-            origin: "merged configuration".into(),
-            problem: e.to_string(),
-        })?;
+        let config: Config =
+            merged
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                    key: "?".into(),
+                    origin: "merged configuration".into(),
+                    problem: e.to_string(),
+                })?;
         config.validate()?;
         Ok(config)
     }
@@ -149,7 +194,10 @@ impl Config {
             return Err(bad("log_format", "must be \"text\" or \"json\""));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
-            return Err(bad("log_level", "must be a level (error, warn, info, debug, trace) or a tracing filter"));
+            return Err(bad(
+                "log_level",
+                "must be a level (error, warn, info, debug, trace) or a tracing filter",
+            ));
         }
         for (key, v, min, max) in [
             ("pool_size", self.pool_size as u64, 2, 1000),
@@ -157,18 +205,38 @@ impl Config {
             ("claim_batch", self.claim_batch as u64, 1, 10_000),
             ("max_in_flight", self.max_in_flight as u64, 1, 100_000),
             ("lease_margin_ms", self.lease_margin_ms, 100, 86_400_000),
-            ("max_retry_after_ms", self.max_retry_after_ms, 0, 7 * 86_400_000),
+            (
+                "max_retry_after_ms",
+                self.max_retry_after_ms,
+                0,
+                7 * 86_400_000,
+            ),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 3_600_000),
-            ("http_connect_timeout_ms", self.http_connect_timeout_ms, 1, 600_000),
-            ("response_limit_bytes", self.response_limit_bytes as u64, 1024, 16 * 1024 * 1024),
+            (
+                "http_connect_timeout_ms",
+                self.http_connect_timeout_ms,
+                1,
+                600_000,
+            ),
+            (
+                "response_limit_bytes",
+                self.response_limit_bytes as u64,
+                1024,
+                16 * 1024 * 1024,
+            ),
             ("retention_hours", self.retention_hours as u64, 1, 24 * 3650),
         ] {
             if v < min || v > max {
                 return Err(bad(key, &format!("{v} is out of range {min}..={max}")));
             }
         }
-        if !self.admin_listen.is_empty() && self.admin_listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(bad("admin_listen", "must be host:port like 127.0.0.1:9187 (or empty to disable)"));
+        if !self.admin_listen.is_empty()
+            && self.admin_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "admin_listen",
+                "must be host:port like 127.0.0.1:9187 (or empty to disable)",
+            ));
         }
         Ok(())
     }
@@ -197,8 +265,17 @@ impl Config {
     }
 }
 
-fn parse_like(default: &toml::Value, raw: &str, key: &str, origin: &str) -> Result<toml::Value, ConfigError> {
-    let bad = |problem: String| ConfigError::BadValue { key: key.into(), origin: origin.into(), problem };
+fn parse_like(
+    default: &toml::Value,
+    raw: &str,
+    key: &str,
+    origin: &str,
+) -> Result<toml::Value, ConfigError> {
+    let bad = |problem: String| ConfigError::BadValue {
+        key: key.into(),
+        origin: origin.into(),
+        problem,
+    };
     Ok(match default {
         toml::Value::Integer(_) => toml::Value::Integer(
             raw.trim()
@@ -221,7 +298,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -229,10 +309,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("relay-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("relay.toml");
-        std::fs::write(&f, "poll_interval_ms = 200\nclaim_batch = 10\npool_size = 3\n").unwrap();
+        std::fs::write(
+            &f,
+            "poll_interval_ms = 200\nclaim_batch = 10\npool_size = 3\n",
+        )
+        .unwrap();
         let c = Config::load(
             Some(&f),
-            &env(&[("RELAY_CLAIM_BATCH", "20"), ("RELAY_POOL_SIZE", "4"), ("DATABASE_URL", "postgres://a@b/c")]),
+            &env(&[
+                ("RELAY_CLAIM_BATCH", "20"),
+                ("RELAY_POOL_SIZE", "4"),
+                ("DATABASE_URL", "postgres://a@b/c"),
+            ]),
             &[("pool_size".into(), "5".into())],
         )
         .unwrap();
@@ -240,7 +328,15 @@ mod tests {
         assert_eq!(c.claim_batch, 20);
         assert_eq!(c.pool_size, 5);
         assert_eq!(c.database_url, "postgres://a@b/c");
-        let c = Config::load(None, &env(&[("DATABASE_URL", "postgres://a@b/c"), ("RELAY_DATABASE_URL", "postgres://x@y/z")]), &[]).unwrap();
+        let c = Config::load(
+            None,
+            &env(&[
+                ("DATABASE_URL", "postgres://a@b/c"),
+                ("RELAY_DATABASE_URL", "postgres://x@y/z"),
+            ]),
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.database_url, "postgres://x@y/z");
     }
 
@@ -254,19 +350,38 @@ mod tests {
         assert!(e.contains("`pol_interval_ms`"), "{e}");
         std::fs::write(&f, "poll_interval_ms = \"fast\"\n").unwrap();
         let e = Config::load(Some(&f), &[], &[]).unwrap_err().to_string();
-        assert!(e.contains("`poll_interval_ms`") && e.contains("expected integer"), "{e}");
+        assert!(
+            e.contains("`poll_interval_ms`") && e.contains("expected integer"),
+            "{e}"
+        );
         std::fs::write(&f, "poll_interval_ms = [\n").unwrap();
         let e = Config::load(Some(&f), &[], &[]).unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
-        let e = Config::load(None, &env(&[("RELAY_CLAIM_BATCH", "lots")]), &[]).unwrap_err().to_string();
-        assert!(e.contains("`claim_batch`") && e.contains("RELAY_CLAIM_BATCH"), "{e}");
-        let e = Config::load(None, &env(&[("RELAY_NOPE", "1")]), &[]).unwrap_err().to_string();
+        let e = Config::load(None, &env(&[("RELAY_CLAIM_BATCH", "lots")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`claim_batch`") && e.contains("RELAY_CLAIM_BATCH"),
+            "{e}"
+        );
+        let e = Config::load(None, &env(&[("RELAY_NOPE", "1")]), &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`nope`"), "{e}");
-        let e = Config::load(None, &[], &[("claim_batch".into(), "0".into())]).unwrap_err().to_string();
-        assert!(e.contains("`claim_batch`") && e.contains("out of range"), "{e}");
-        let e = Config::load(None, &[], &[("log_format".into(), "xml".into())]).unwrap_err().to_string();
+        let e = Config::load(None, &[], &[("claim_batch".into(), "0".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`claim_batch`") && e.contains("out of range"),
+            "{e}"
+        );
+        let e = Config::load(None, &[], &[("log_format".into(), "xml".into())])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`log_format`"), "{e}");
-        let e = Config::load(None, &[], &[("admin_listen".into(), "nowhere".into())]).unwrap_err().to_string();
+        let e = Config::load(None, &[], &[("admin_listen".into(), "nowhere".into())])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`admin_listen`"), "{e}");
     }
 }

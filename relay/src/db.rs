@@ -10,7 +10,9 @@ use tokio_postgres::NoTls;
 
 #[derive(Debug, Error)]
 pub enum DbError {
-    #[error("invalid database URL: {0} (expected postgres://user[:password]@host[:port]/database)")]
+    #[error(
+        "invalid database URL: {0} (expected postgres://user[:password]@host[:port]/database)"
+    )]
     BadUrl(#[source] tokio_postgres::Error),
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
@@ -20,7 +22,8 @@ pub enum DbError {
 
 /// Parse a URL or key=value connection string.
 pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
-    url.parse::<tokio_postgres::Config>().map_err(DbError::BadUrl)
+    url.parse::<tokio_postgres::Config>()
+        .map_err(DbError::BadUrl)
 }
 
 /// The password-free form of a connection string, for logs and messages.
@@ -31,14 +34,24 @@ pub fn redact_url(url: &str) -> String {
         if let Some(at) = rest[..authority_end].rfind('@') {
             let userinfo = &rest[..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
             return format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..]);
         }
         return url.to_string();
     }
     // key=value form: mask password=...
     url.split_whitespace()
-        .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -54,7 +67,13 @@ pub fn make_pool(url: &str, size: usize, application_name: &str) -> Result<Pool,
     }
     cfg.keepalives(true);
     cfg.keepalives_idle(Duration::from_secs(30));
-    let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     Pool::builder(mgr)
         .max_size(size)
         .runtime(Runtime::Tokio1)

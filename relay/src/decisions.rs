@@ -45,12 +45,18 @@ pub fn parse(reply: &str, sent: &Value) -> Result<Decision, String> {
         Some(Value::Bool(false)) => {
             let reason = match obj.get("reason") {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => "forbidden by the handler (no reason given)".to_string(),
+                Some(Value::Null) | None => {
+                    "forbidden by the handler (no reason given)".to_string()
+                }
                 Some(other) => other.to_string(),
             };
             return Ok(Decision::Forbid(reason));
         }
-        Some(other) => return Err(format!("the reply's \"allow\" must be true or false, got {other}")),
+        Some(other) => {
+            return Err(format!(
+                "the reply's \"allow\" must be true or false, got {other}"
+            ))
+        }
     }
     match obj.get("data") {
         None | Some(Value::Null) => Ok(Decision::Allow),
@@ -64,9 +70,15 @@ pub fn parse(reply: &str, sent: &Value) -> Result<Decision, String> {
                     merged.insert(k.clone(), v.clone());
                 }
             }
-            Ok(if changed { Decision::Modify(Value::Object(merged)) } else { Decision::Allow })
+            Ok(if changed {
+                Decision::Modify(Value::Object(merged))
+            } else {
+                Decision::Allow
+            })
         }
-        Some(other) => Err(format!("the reply's \"data\" must be a JSON object, got {other}")),
+        Some(other) => Err(format!(
+            "the reply's \"data\" must be a JSON object, got {other}"
+        )),
     }
 }
 
@@ -92,18 +104,30 @@ mod tests {
     #[test]
     fn changed_data_modifies_and_keeps_unmentioned_fields() {
         let d = parse(r#"{"data": {"name": "Customer Btestprefix"}}"#, &sent()).unwrap();
-        assert_eq!(d, Decision::Modify(json!({"id": 12, "name": "Customer Btestprefix"})));
+        assert_eq!(
+            d,
+            Decision::Modify(json!({"id": 12, "name": "Customer Btestprefix"}))
+        );
         let echo = r#"{"event":{},"data":{"id":12,"name":"Customer B","email":"a@b"}}"#;
-        assert_eq!(parse(echo, &sent()).unwrap(), Decision::Modify(json!({"id": 12, "name": "Customer B", "email": "a@b"})));
+        assert_eq!(
+            parse(echo, &sent()).unwrap(),
+            Decision::Modify(json!({"id": 12, "name": "Customer B", "email": "a@b"}))
+        );
     }
 
     #[test]
     fn allow_false_forbids_with_reason() {
         assert_eq!(
-            parse(r#"{"allow": false, "reason": "credit check failed"}"#, &sent()),
+            parse(
+                r#"{"allow": false, "reason": "credit check failed"}"#,
+                &sent()
+            ),
             Ok(Decision::Forbid("credit check failed".into()))
         );
-        assert!(matches!(parse(r#"{"allow": false}"#, &sent()), Ok(Decision::Forbid(_))));
+        assert!(matches!(
+            parse(r#"{"allow": false}"#, &sent()),
+            Ok(Decision::Forbid(_))
+        ));
     }
 
     #[test]
@@ -112,6 +136,10 @@ mod tests {
         assert!(parse("[1,2]", &sent()).is_err());
         assert!(parse(r#"{"allow": "no"}"#, &sent()).is_err());
         assert!(parse(r#"{"data": [1]}"#, &sent()).is_err());
-        assert!(parse("{\"data\": {\"name\": \"x\"}\n…[truncated: 99999 bytes in all]", &sent()).is_err());
+        assert!(parse(
+            "{\"data\": {\"name\": \"x\"}\n…[truncated: 99999 bytes in all]",
+            &sent()
+        )
+        .is_err());
     }
 }

@@ -62,7 +62,8 @@ impl fmt::Debug for Handler {
     }
 }
 
-pub const SELECT_HANDLERS: &str = "SELECT id, name, priority, status, events, stage, kind, target, args, timeout_ms, \
+pub const SELECT_HANDLERS: &str =
+    "SELECT id, name, priority, status, events, stage, kind, target, args, timeout_ms, \
      retry_schedule_ms, headers, secret, max_in_flight, format FROM provisioning.handlers";
 
 impl Handler {
@@ -73,10 +74,17 @@ impl Handler {
             "disabled" => Status::Disabled,
             _ => Status::Archived,
         };
-        let stage = if row.get::<_, &str>("stage") == "before" { Stage::Before } else { Stage::After };
+        let stage = if row.get::<_, &str>("stage") == "before" {
+            Stage::Before
+        } else {
+            Stage::After
+        };
         let target: String = row.get("target");
         let kind = if row.get::<_, &str>("kind") == "script" {
-            Kind::Script { program: target, args: row.get("args") }
+            Kind::Script {
+                program: target,
+                args: row.get("args"),
+            }
         } else {
             Kind::Http { url: target }
         };
@@ -111,7 +119,9 @@ impl Handler {
 }
 
 /// Load every handler.
-pub async fn load(client: &impl GenericClient) -> Result<HashMap<i64, Arc<Handler>>, tokio_postgres::Error> {
+pub async fn load(
+    client: &impl GenericClient,
+) -> Result<HashMap<i64, Arc<Handler>>, tokio_postgres::Error> {
     let rows = client.query(SELECT_HANDLERS, &[]).await?;
     Ok(rows
         .iter()
@@ -141,7 +151,9 @@ impl Registry {
     pub fn replace(&self, handlers: HashMap<i64, Arc<Handler>>) -> bool {
         let mut cur = self.current.write().expect("registry lock");
         let changed = cur.len() != handlers.len()
-            || handlers.iter().any(|(id, h)| cur.get(id).map(|c| !same(c, h)).unwrap_or(true));
+            || handlers
+                .iter()
+                .any(|(id, h)| cur.get(id).map(|c| !same(c, h)).unwrap_or(true));
         if changed {
             *cur = Arc::new(handlers);
         }

@@ -10,14 +10,18 @@
 //! - [`worker`]: the dispatcher loop that ties it together.
 //! - [`config`]: configuration layering (file, environment, flags).
 
-pub mod schema;
-pub mod service;
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod decisions;
 pub mod delivery;
 pub mod handlers;
+pub mod metrics;
+pub mod ops;
 pub mod retry;
+pub mod schema;
+pub mod service;
 pub mod store;
 pub mod wakeup;
 pub mod worker;

@@ -64,16 +64,28 @@ mod tests {
     #[test]
     fn default_schedule_spans_about_a_day() {
         let total: u64 = DEFAULT_SCHEDULE_MS.iter().sum();
-        assert!(total > 20 * 3_600_000 && total < 36 * 3_600_000, "total {total} ms");
+        assert!(
+            total > 20 * 3_600_000 && total < 36 * 3_600_000,
+            "total {total} ms"
+        );
         assert_eq!(max_attempts(&DEFAULT_SCHEDULE_MS), 8);
     }
 
     #[test]
     fn delays_follow_the_schedule_without_jitter_at_midpoint() {
         let s = [100, 2_000, 30_000];
-        assert_eq!(next_step(&s, 1, 0.5, None, CAP), NextStep::RetryAfter(Duration::from_millis(100)));
-        assert_eq!(next_step(&s, 2, 0.5, None, CAP), NextStep::RetryAfter(Duration::from_millis(2_000)));
-        assert_eq!(next_step(&s, 3, 0.5, None, CAP), NextStep::RetryAfter(Duration::from_millis(30_000)));
+        assert_eq!(
+            next_step(&s, 1, 0.5, None, CAP),
+            NextStep::RetryAfter(Duration::from_millis(100))
+        );
+        assert_eq!(
+            next_step(&s, 2, 0.5, None, CAP),
+            NextStep::RetryAfter(Duration::from_millis(2_000))
+        );
+        assert_eq!(
+            next_step(&s, 3, 0.5, None, CAP),
+            NextStep::RetryAfter(Duration::from_millis(30_000))
+        );
         assert_eq!(next_step(&s, 4, 0.5, None, CAP), NextStep::Dead);
     }
 
@@ -109,6 +121,9 @@ mod tests {
             NextStep::RetryAfter(Duration::from_secs(60))
         );
         // Retry-After does not resurrect an exhausted schedule.
-        assert_eq!(next_step(&s, 2, 0.5, Some(Duration::from_secs(1)), CAP), NextStep::Dead);
+        assert_eq!(
+            next_step(&s, 2, 0.5, Some(Duration::from_secs(1)), CAP),
+            NextStep::Dead
+        );
     }
 }

@@ -31,7 +31,10 @@ pub enum SchemaError {
 
 /// Apply `sql/install.sql` (idempotent, serialised by an advisory lock inside the SQL).
 pub async fn migrate(client: &impl GenericClient) -> Result<(), SchemaError> {
-    client.batch_execute(INSTALL_SQL).await.map_err(SchemaError::Apply)
+    client
+        .batch_execute(INSTALL_SQL)
+        .await
+        .map_err(SchemaError::Apply)
 }
 
 /// Install the VCS preset tables and declare its events with default names.
@@ -43,7 +46,10 @@ pub async fn install_vcs_preset(client: &impl GenericClient) -> Result<(), Schem
 /// The installed schema version, or None when the schema is absent.
 pub async fn installed_version(client: &impl GenericClient) -> Result<Option<i32>, SchemaError> {
     let row = client
-        .query_one("SELECT to_regclass('provisioning.schema_version') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regclass('provisioning.schema_version') IS NOT NULL",
+            &[],
+        )
         .await
         .map_err(SchemaError::Query)?;
     if !row.get::<_, bool>(0) {
@@ -60,8 +66,14 @@ pub async fn installed_version(client: &impl GenericClient) -> Result<Option<i32
 pub async fn check_version(client: &impl GenericClient) -> Result<(), SchemaError> {
     match installed_version(client).await? {
         None => Err(SchemaError::NotInstalled),
-        Some(v) if v < SCHEMA_VERSION => Err(SchemaError::TooOld { found: v, expected: SCHEMA_VERSION }),
-        Some(v) if v > SCHEMA_VERSION => Err(SchemaError::TooNew { found: v, expected: SCHEMA_VERSION }),
+        Some(v) if v < SCHEMA_VERSION => Err(SchemaError::TooOld {
+            found: v,
+            expected: SCHEMA_VERSION,
+        }),
+        Some(v) if v > SCHEMA_VERSION => Err(SchemaError::TooNew {
+            found: v,
+            expected: SCHEMA_VERSION,
+        }),
         Some(_) => Ok(()),
     }
 }

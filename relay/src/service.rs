@@ -24,13 +24,24 @@ pub enum ServiceError {
     Http(#[from] reqwest::Error),
     #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("cannot listen on admin_listen {0}: {1} (choose another address, or set admin_listen to \"\" to disable)")]
+    Admin(String, #[source] std::io::Error),
 }
 
 /// Build a relay from configuration: checks the database and the schema version first.
 pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
     let name = config.relay_name();
-    let pool = crate::db::make_pool(&config.database_url, config.pool_size as usize, &format!("relay {name}"))?;
-    crate::db::wait_for_database(&pool, &config.database_url, Duration::from_secs(u64::MAX / 4)).await?;
+    let pool = crate::db::make_pool(
+        &config.database_url,
+        config.pool_size as usize,
+        &format!("relay {name}"),
+    )?;
+    crate::db::wait_for_database(
+        &pool,
+        &config.database_url,
+        Duration::from_secs(u64::MAX / 4),
+    )
+    .await?;
     {
         let client = pool.get().await?;
         crate::schema::check_version(&**client).await?;
@@ -41,7 +52,7 @@ pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
         script: ScriptTransport::new(limit),
     };
     let mut listen_config = crate::db::parse_config(&config.database_url)?;
-    listen_config.application_name(&format!("relay {name} doorbell"));
+    listen_config.application_name(format!("relay {name} doorbell"));
     Ok(Relay {
         store: Store::new(pool, name),
         registry: Arc::new(Registry::default()),
@@ -66,4 +77,81 @@ pub fn shutdown_on_signals() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// `relay run`: the delivery loop, the admin server (when `admin_listen` is set) and retention,
+/// until `shutdown`.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    let metrics = crate::metrics::install();
+    crate::metrics::describe();
+    let relay = tokio::select! {
+        r = build(config) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    tracing::info!(
+        relay = %relay.store.relay_name(),
+        database = %crate::db::redact_url(&config.database_url),
+        admin = %if config.admin_listen.is_empty() { "disabled" } else { config.admin_listen.as_str() },
+        "relay started"
+    );
+    let pool = relay.store.pool().clone();
+    let background = CancellationToken::new();
+    let mut admin_task = None;
+    if !config.admin_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.admin_listen)
+            .await
+            .map_err(|e| ServiceError::Admin(config.admin_listen.clone(), e))?;
+        if config.admin_token.is_empty() {
+            tracing::warn!("admin_token is not set: the admin API and web page are read-only");
+        }
+        let state = crate::admin::AdminState {
+            pool: pool.clone(),
+            token: config.admin_token.as_str().into(),
+            open_reads: config.admin_open_reads,
+            metrics,
+        };
+        let stop = background.clone();
+        admin_task = Some(tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(listener, state, stop).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        }));
+    }
+    let retention = tokio::spawn(retain(
+        pool,
+        Duration::from_secs(config.retention_hours as u64 * 3600),
+        background.clone(),
+    ));
+    relay.run(shutdown).await;
+    background.cancel();
+    let _ = retention.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// Remove finished work older than the retention age, every few minutes, in small batches.
+/// Dead deliveries stay until replayed or pruned on purpose.
+async fn retain(pool: deadpool_postgres::Pool, age: Duration, stop: CancellationToken) {
+    let every = Duration::from_secs(300);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention skipped: no database connection");
+                continue;
+            }
+        };
+        match crate::ops::queries::prune(&**client, age, false).await {
+            Ok(v) => {
+                tracing::info!(attempts = %v["attempts_removed"], events = %v["events_removed"], "retention pass")
+            }
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+        }
+    }
 }

@@ -32,7 +32,8 @@ pub async fn listen(
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 // Drive the connection ourselves: notifications only surface through poll_message.
                 let driver = tokio::spawn(async move {
-                    let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let mut stream =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(msg) = stream.next().await {
                         match msg {
                             Ok(AsyncMessage::Notification(n)) => {

@@ -95,7 +95,13 @@ impl Relay {
     /// Run until `shutdown` is cancelled; then stop claiming, let in-flight work finish within the
     /// grace period, release the rest, and return.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Relay { store, registry, transports, options, listen_config } = self;
+        let Relay {
+            store,
+            registry,
+            transports,
+            options,
+            listen_config,
+        } = self;
         let shared = Arc::new(Shared {
             wake: Arc::new(Notify::new()),
             in_flight: Mutex::new(HashMap::new()),
@@ -134,10 +140,20 @@ impl Relay {
             options.handler_refresh_interval,
             background.clone(),
         ));
-        tasks.spawn(maintain(store.clone(), shared.wake.clone(), options.lease_check_interval, background.clone()));
+        tasks.spawn(maintain(
+            store.clone(),
+            shared.wake.clone(),
+            options.lease_check_interval,
+            background.clone(),
+        ));
 
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
-        let completer = tokio::spawn(complete_loop(store.clone(), shared.clone(), done_rx, options.complete_batch));
+        let completer = tokio::spawn(complete_loop(
+            store.clone(),
+            shared.clone(),
+            done_rx,
+            options.complete_batch,
+        ));
 
         // Deliveries stop on `hard_stop` (after the grace period) and release their claim.
         let hard_stop = CancellationToken::new();
@@ -159,7 +175,10 @@ impl Relay {
         let in_flight = shared.total_in_flight.load(Ordering::SeqCst);
         tracing::info!(in_flight, grace = ?options.shutdown_grace, "shutting down: claiming stopped");
         deliveries.close();
-        if tokio::time::timeout(options.shutdown_grace, deliveries.wait()).await.is_err() {
+        if tokio::time::timeout(options.shutdown_grace, deliveries.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over: releasing unfinished deliveries");
             hard_stop.cancel();
             deliveries.wait().await;
@@ -215,7 +234,10 @@ async fn dispatch(
         };
         let got = claimed.len() as i64;
         if got > 0 {
-            start_deliveries(claimed, &snapshot, store, transports, options, shared, done_tx, deliveries, hard_stop);
+            start_deliveries(
+                claimed, &snapshot, store, transports, options, shared, done_tx, deliveries,
+                hard_stop,
+            );
         }
         if requested > 0 && got == requested {
             // Under load: stay awake, claim again as soon as capacity allows.
@@ -265,11 +287,21 @@ async fn dispatch(
 }
 
 /// How many deliveries to ask for, per enabled handler, within the per-handler and total limits.
-fn wants(snapshot: &HashMap<i64, Arc<Handler>>, shared: &Shared, options: &WorkerOptions) -> Vec<Want> {
+fn wants(
+    snapshot: &HashMap<i64, Arc<Handler>>,
+    shared: &Shared,
+    options: &WorkerOptions,
+) -> Vec<Want> {
     let total = shared.total_in_flight.load(Ordering::SeqCst);
-    let mut room = options.max_in_flight.saturating_sub(total).min(options.claim_batch);
+    let mut room = options
+        .max_in_flight
+        .saturating_sub(total)
+        .min(options.claim_batch);
     let in_flight = shared.in_flight.lock().expect("in_flight lock");
-    let mut handlers: Vec<&Arc<Handler>> = snapshot.values().filter(|h| h.status == Status::Enabled).collect();
+    let mut handlers: Vec<&Arc<Handler>> = snapshot
+        .values()
+        .filter(|h| h.status == Status::Enabled)
+        .collect();
     handlers.sort_by_key(|h| (h.priority, h.id));
     let mut out = Vec::new();
     for h in handlers {
@@ -280,7 +312,11 @@ fn wants(snapshot: &HashMap<i64, Arc<Handler>>, shared: &Shared, options: &Worke
         let free = (h.max_in_flight.saturating_sub(busy) as usize).min(room);
         if free > 0 {
             room -= free;
-            out.push(Want { handler_id: h.id, limit: free as i32, lease: h.timeout + options.lease_margin });
+            out.push(Want {
+                handler_id: h.id,
+                limit: free as i32,
+                lease: h.timeout + options.lease_margin,
+            });
         }
     }
     out
@@ -299,13 +335,23 @@ fn start_deliveries(
     hard_stop: &CancellationToken,
 ) {
     // Dispatch order: event order, then handler priority.
-    claimed.sort_by_key(|c| (c.event.id, snapshot.get(&c.handler_id).map(|h| h.priority).unwrap_or(i32::MAX)));
+    claimed.sort_by_key(|c| {
+        (
+            c.event.id,
+            snapshot
+                .get(&c.handler_id)
+                .map(|h| h.priority)
+                .unwrap_or(i32::MAX),
+        )
+    });
     {
         let mut in_flight = shared.in_flight.lock().expect("in_flight lock");
         for c in &claimed {
             *in_flight.entry(c.handler_id).or_default() += 1;
         }
-        shared.total_in_flight.fetch_add(claimed.len(), Ordering::SeqCst);
+        shared
+            .total_in_flight
+            .fetch_add(claimed.len(), Ordering::SeqCst);
     }
     for c in claimed {
         let handler = snapshot.get(&c.handler_id).cloned();
@@ -355,7 +401,12 @@ async fn deliver(
 ) -> Completion {
     let Some(handler) = handler.filter(|h| h.status == Status::Enabled) else {
         // Removed, paused or disabled between claim and start: hand it back untouched.
-        return release(c.delivery_id, c.handler_id, c.token, "handler not enabled when the attempt was due");
+        return release(
+            c.delivery_id,
+            c.handler_id,
+            c.token,
+            "handler not enabled when the attempt was due",
+        );
     };
     let body = render(&c.event, c.modified_data.as_ref(), handler.format);
     let req = Request {
@@ -369,7 +420,11 @@ async fn deliver(
     let started_at = Utc::now();
     let reply = match &handler.kind {
         Kind::Http { url } => {
-            let target = Target { url, headers: &handler.headers, secret: handler.secret.as_deref() };
+            let target = Target {
+                url,
+                headers: &handler.headers,
+                secret: handler.secret.as_deref(),
+            };
             transports.http.send(&target, &req).await
         }
         Kind::Script { program, args } => transports.script.run(program, args, &req).await,
@@ -387,7 +442,10 @@ async fn outcome(
     max_retry_after: Duration,
 ) -> Completion {
     let before_stage = c.stage == "before";
-    let sent_data = c.modified_data.clone().unwrap_or_else(|| c.event.data.clone());
+    let sent_data = c
+        .modified_data
+        .clone()
+        .unwrap_or_else(|| c.event.data.clone());
     let mut decision = None;
     if before_stage && reply.success {
         match crate::decisions::parse(reply.response.as_deref().unwrap_or(""), &sent_data) {
@@ -402,7 +460,10 @@ async fn outcome(
     let (action, delay) = if reply.success {
         (Action::Done, Duration::ZERO)
     } else if reply.gone {
-        let reason = format!("paused by the relay: the handler answered 410 Gone at {}", Utc::now().to_rfc3339());
+        let reason = format!(
+            "paused by the relay: the handler answered 410 Gone at {}",
+            Utc::now().to_rfc3339()
+        );
         if let Err(e) = store.pause_handler(handler.id, &reason).await {
             tracing::error!(handler = %handler.name, error = %e, "cannot pause handler after 410 Gone");
         }
@@ -410,11 +471,31 @@ async fn outcome(
         (Action::Release, Duration::ZERO)
     } else {
         let r: f64 = rand::thread_rng().gen();
-        match next_step(&handler.retry_schedule_ms, c.attempt, r, reply.retry_after, max_retry_after) {
+        match next_step(
+            &handler.retry_schedule_ms,
+            c.attempt,
+            r,
+            reply.retry_after,
+            max_retry_after,
+        ) {
             NextStep::RetryAfter(d) => (Action::Retry, d),
             NextStep::Dead => (Action::Dead, Duration::ZERO),
         }
     };
+    let outcome_label = if reply.success { "success" } else { "fail" };
+    metrics::counter!("provisioning_deliveries_total", "handler" => handler.name.clone(), "event" => c.event.name.clone(), "outcome" => outcome_label).increment(1);
+    metrics::histogram!("provisioning_attempt_duration_seconds", "handler" => handler.name.clone())
+        .record(reply.duration.as_secs_f64());
+    if reply.success {
+        let latency = (Utc::now() - c.event.changed_at)
+            .to_std()
+            .unwrap_or_default();
+        metrics::histogram!("provisioning_delivery_latency_seconds", "handler" => handler.name.clone()).record(latency.as_secs_f64());
+    }
+    if action == Action::Dead {
+        metrics::counter!("provisioning_deliveries_dead_total", "handler" => handler.name.clone(), "event" => c.event.name.clone()).increment(1);
+        tracing::error!(handler = %handler.name, event = %c.event.name, event_id = c.event.id, "delivery is dead: retry schedule exhausted; see `relay deliveries list --status dead`");
+    }
     if !reply.success {
         tracing::warn!(
             handler = %handler.name, event = %c.event.name, event_id = c.event.id, attempt = c.attempt,
@@ -509,7 +590,9 @@ async fn complete_loop(
                     *due = Some(due.map_or(at, |d| d.min(at)));
                 }
             }
-            shared.total_in_flight.fetch_sub(batch.len(), Ordering::SeqCst);
+            shared
+                .total_in_flight
+                .fetch_sub(batch.len(), Ordering::SeqCst);
         }
         batch.clear();
         shared.wake.notify_one();
@@ -542,7 +625,9 @@ async fn refresh_handlers(
                     wake.notify_one();
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reload handlers; keeping the previous definitions"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload handlers; keeping the previous definitions")
+            }
         }
     }
 }

@@ -8,7 +8,8 @@ use tokio_postgres::{Client, NoTls};
 
 /// The server the tests run against. Default: the local server, user postgres.
 pub fn base_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
 /// `url` with its database name replaced by `db`.
@@ -31,7 +32,9 @@ pub fn url_with_db(url: &str, db: &str) -> String {
 pub async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e} (is PostgreSQL running? set DATABASE_URL)"));
+        .unwrap_or_else(|e| {
+            panic!("cannot connect to {url}: {e} (is PostgreSQL running? set DATABASE_URL)")
+        });
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -62,14 +65,18 @@ impl TestDb {
     /// A database with `sql/install.sql` applied.
     pub async fn installed() -> TestDb {
         let db = TestDb::empty().await;
-        relay::schema::migrate(&db.client).await.expect("install schema");
+        relay::schema::migrate(&db.client)
+            .await
+            .expect("install schema");
         db
     }
 
     /// A database with the schema and the VCS preset (tables + 15 events).
     pub async fn vcs() -> TestDb {
         let db = TestDb::installed().await;
-        relay::schema::install_vcs_preset(&db.client).await.expect("install VCS preset");
+        relay::schema::install_vcs_preset(&db.client)
+            .await
+            .expect("install VCS preset");
         db
     }
 
@@ -83,7 +90,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs outside async context guarantees; use a private runtime on its own thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 if let Ok((client, conn)) = tokio_postgres::connect(&base_url(), NoTls).await {
                     tokio::spawn(async move {
@@ -132,14 +142,24 @@ impl RunningRelay {
             ("lease_margin_ms".into(), "2000".into()),
             ("shutdown_grace_ms".into(), "2000".into()),
             ("admin_listen".into(), String::new()),
-            ("relay_name".into(), format!("test-{}", uuid::Uuid::new_v4().simple())),
+            (
+                "relay_name".into(),
+                format!("test-{}", uuid::Uuid::new_v4().simple()),
+            ),
         ];
-        sets.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        sets.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let config = relay::config::Config::load(None, &[], &sets).expect("test config");
         let relay = relay::service::build(&config).await.expect("build relay");
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        RunningRelay { shutdown, task: Some(task) }
+        RunningRelay {
+            shutdown,
+            task: Some(task),
+        }
     }
 
     pub async fn stop(mut self) {
@@ -157,15 +177,27 @@ impl Drop for RunningRelay {
 }
 
 /// Register a handler with SQL; returns its id.
-pub async fn add_handler(client: &Client, name: &str, events: &[&str], kind: &str, target: &str, extra: &str) -> i64 {
+pub async fn add_handler(
+    client: &Client,
+    name: &str,
+    events: &[&str],
+    kind: &str,
+    target: &str,
+    extra: &str,
+) -> i64 {
     let events: Vec<String> = events.iter().map(|s| s.to_string()).collect();
-    let sql = format!(
-        "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ($1, $2, $3, $4) RETURNING id"
-    );
-    let id: i64 = client.query_one(&sql, &[&name, &events, &kind, &target]).await.expect("add handler").get(0);
+    let sql = "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ($1, $2, $3, $4) RETURNING id";
+    let id: i64 = client
+        .query_one(sql, &[&name, &events, &kind, &target])
+        .await
+        .expect("add handler")
+        .get(0);
     if !extra.is_empty() {
         client
-            .execute(&format!("UPDATE provisioning.handlers SET {extra} WHERE id = $1"), &[&id])
+            .execute(
+                &format!("UPDATE provisioning.handlers SET {extra} WHERE id = $1"),
+                &[&id],
+            )
             .await
             .expect("configure handler");
     }
@@ -174,5 +206,9 @@ pub async fn add_handler(client: &Client, name: &str, events: &[&str], kind: &st
 
 /// Count rows of a query returning one bigint.
 pub async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }

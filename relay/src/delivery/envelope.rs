@@ -100,7 +100,9 @@ mod tests {
             data: json!({"id": 12, "name": "Customer B"}),
             old_row: Some(json!({"id": 12, "name": "Customer A"})),
             new_row: Some(json!({"id": 12, "name": "Customer B"})),
-            changed_at: DateTime::parse_from_rfc3339("2026-11-27T08:48:29.123456Z").unwrap().with_timezone(&Utc),
+            changed_at: DateTime::parse_from_rfc3339("2026-11-27T08:48:29.123456Z")
+                .unwrap()
+                .with_timezone(&Utc),
         }
     }
 
@@ -123,6 +125,7 @@ mod tests {
     #[test]
     fn modified_data_replaces_the_event_data() {
         let data = json!({"id": 12, "name": "X"});
-        assert!(render(&event(), Some(&data), Format::Jerasoft).ends_with(r#""data":{"id":12,"name":"X"}}"#));
+        assert!(render(&event(), Some(&data), Format::Jerasoft)
+            .ends_with(r#""data":{"id":12,"name":"X"}}"#));
     }
 }

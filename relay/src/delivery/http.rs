@@ -25,7 +25,10 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn new(connect_timeout: Duration, response_limit: usize) -> Result<HttpTransport, reqwest::Error> {
+    pub fn new(
+        connect_timeout: Duration,
+        response_limit: usize,
+    ) -> Result<HttpTransport, reqwest::Error> {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(Policy::none()) // a redirect is a failure, never followed blindly
@@ -34,7 +37,10 @@ impl HttpTransport {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
-        Ok(HttpTransport { client, response_limit })
+        Ok(HttpTransport {
+            client,
+            response_limit,
+        })
     }
 
     pub async fn send(&self, target: &Target<'_>, req: &Request) -> Reply {
@@ -53,7 +59,12 @@ impl HttpTransport {
     async fn exchange(&self, target: &Target<'_>, req: &Request) -> Reply {
         let headers = match build_headers(target, req) {
             Ok(h) => h,
-            Err(e) => return Reply { error: Some(e), ..Reply::default() },
+            Err(e) => {
+                return Reply {
+                    error: Some(e),
+                    ..Reply::default()
+                }
+            }
         };
         let sent = self
             .client
@@ -65,7 +76,12 @@ impl HttpTransport {
             .await;
         let mut resp = match sent {
             Ok(r) => r,
-            Err(e) => return Reply { error: Some(describe_error(&e)), ..Reply::default() },
+            Err(e) => {
+                return Reply {
+                    error: Some(describe_error(&e)),
+                    ..Reply::default()
+                }
+            }
         };
         let status = resp.status();
         let retry_after = resp
@@ -97,7 +113,10 @@ impl HttpTransport {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    body_error = Some(format!("reading the response body failed: {}", describe_error(&e)));
+                    body_error = Some(format!(
+                        "reading the response body failed: {}",
+                        describe_error(&e)
+                    ));
                     break;
                 }
             }
@@ -122,7 +141,9 @@ impl HttpTransport {
             exit_code: None,
             response,
             error,
-            retry_after: if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            retry_after: if status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE
+            {
                 retry_after
             } else {
                 None
@@ -136,8 +157,10 @@ impl HttpTransport {
 fn build_headers(target: &Target<'_>, req: &Request) -> Result<HeaderMap, String> {
     let mut h = HeaderMap::new();
     for (name, value) in target.headers {
-        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?} in handler"))?;
-        let v = HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name:?} in handler"))?;
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?} in handler"))?;
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| format!("invalid value for header {name:?} in handler"))?;
         h.insert(n, v);
     }
     let timestamp = chrono::Utc::now().timestamp();
@@ -194,10 +217,16 @@ mod tests {
     fn retry_after_seconds_and_dates() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         let future = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
         let d = parse_retry_after(&future).unwrap();
-        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -85,8 +85,16 @@ impl ScriptTransport {
         };
         writer.abort();
         let grace = Duration::from_secs(2);
-        let (out, out_total) = tokio::time::timeout(grace, stdout).await.ok().and_then(|r| r.ok()).unwrap_or_default();
-        let (err, err_total) = tokio::time::timeout(grace, stderr).await.ok().and_then(|r| r.ok()).unwrap_or_default();
+        let (out, out_total) = tokio::time::timeout(grace, stdout)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let (err, err_total) = tokio::time::timeout(grace, stderr)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
         let stdout_text = truncate_text(&out, limit, out_total);
         let stderr_text = truncate_text(&err, limit, err_total);
 
@@ -106,7 +114,9 @@ impl ScriptTransport {
         } else {
             Some(format!(
                 "exited with status {}{}",
-                exit_code.map(|c| c.to_string()).unwrap_or_else(|| "unknown".into()),
+                exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
                 stderr_suffix(&stderr_text)
             ))
         };
@@ -133,7 +143,9 @@ fn stderr_suffix(stderr: &str) -> String {
 
 /// Read everything (so the writer never blocks on a full pipe), keep the first `limit` bytes.
 async fn read_bounded<R: AsyncRead + Unpin>(pipe: Option<R>, limit: usize) -> (Vec<u8>, usize) {
-    let Some(mut pipe) = pipe else { return (Vec::new(), 0) };
+    let Some(mut pipe) = pipe else {
+        return (Vec::new(), 0);
+    };
     let mut kept = Vec::new();
     let mut total = 0usize;
     let mut buf = vec![0u8; 16 * 1024];

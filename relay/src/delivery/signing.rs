@@ -10,12 +10,15 @@ use sha2::Sha256;
 /// password works with receivers that do the same).
 pub fn secret_key(secret: &str) -> Vec<u8> {
     let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
-    STANDARD.decode(b64).unwrap_or_else(|_| secret.as_bytes().to_vec())
+    STANDARD
+        .decode(b64)
+        .unwrap_or_else(|_| secret.as_bytes().to_vec())
 }
 
 /// The `webhook-signature` header value.
 pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(&secret_key(secret)).expect("HMAC accepts any key length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(&secret_key(secret)).expect("HMAC accepts any key length");
     mac.update(msg_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
@@ -35,7 +38,9 @@ mod tests {
         let sig = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         let wh = standardwebhooks::Webhook::new(secret).unwrap();
         // The reference's verify() rejects stale timestamps, so compare with its signer.
-        let expected = wh.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body).unwrap();
+        let expected = wh
+            .sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+            .unwrap();
         assert_eq!(sig, expected);
     }
 }

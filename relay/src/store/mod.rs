@@ -126,10 +126,15 @@ impl Store {
         }
         let ids: Vec<i64> = wants.iter().map(|w| w.handler_id).collect();
         let limits: Vec<i32> = wants.iter().map(|w| w.limit).collect();
-        let leases: Vec<i32> = wants.iter().map(|w| w.lease.as_millis().min(i32::MAX as u128) as i32).collect();
+        let leases: Vec<i32> = wants
+            .iter()
+            .map(|w| w.lease.as_millis().min(i32::MAX as u128) as i32)
+            .collect();
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(include_str!("claim.sql")).await?;
-        let rows = client.query(&stmt, &[&ids, &limits, &self.relay_name, &token, &leases]).await?;
+        let rows = client
+            .query(&stmt, &[&ids, &limits, &self.relay_name, &token, &leases])
+            .await?;
         Ok(rows
             .iter()
             .map(|r| Claimed {
@@ -162,19 +167,27 @@ impl Store {
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (decided, plain): (Vec<&Completion>, Vec<&Completion>) = batch.iter().partition(|c| c.decision.is_some());
+        let (decided, plain): (Vec<&Completion>, Vec<&Completion>) =
+            batch.iter().partition(|c| c.decision.is_some());
         let complete = tx.prepare_cached(include_str!("complete.sql")).await?;
         let ids: Vec<i64> = plain.iter().map(|c| c.delivery_id).collect();
         let tokens: Vec<i64> = plain.iter().map(|c| c.token).collect();
         let actions: Vec<&str> = plain.iter().map(|c| c.action.as_str()).collect();
         let delays: Vec<i64> = plain.iter().map(|c| c.delay.as_millis() as i64).collect();
         let errors: Vec<Option<&str>> = plain.iter().map(|c| c.error.as_deref()).collect();
-        let mut applied = tx.query(&complete, &[&ids, &tokens, &actions, &delays, &errors]).await?.len();
+        let mut applied = tx
+            .query(&complete, &[&ids, &tokens, &actions, &delays, &errors])
+            .await?
+            .len();
 
         // Before-stage: dead ones flag their event; decided ones are resolved one by one (guarded
         // write-back or undo, next handler of the chain, after-stage release).
-        for c in plain.iter().filter(|c| c.before_stage && c.action == Action::Dead) {
-            tx.execute("SELECT provisioning.before_dead($1)", &[&c.delivery_id]).await?;
+        for c in plain
+            .iter()
+            .filter(|c| c.before_stage && c.action == Action::Dead)
+        {
+            tx.execute("SELECT provisioning.before_dead($1)", &[&c.delivery_id])
+                .await?;
         }
         for c in &decided {
             let decision = c.decision.as_ref().expect("partitioned on decision");
@@ -194,6 +207,10 @@ impl Store {
                 )
                 .await?;
             let result: String = row.get(0);
+            if result != "lost" && result != "next" {
+                metrics::counter!("provisioning_decisions_total", "decision" => result.clone())
+                    .increment(1);
+            }
             match result.as_str() {
                 "lost" => {}
                 "conflict" | "failed" => {
@@ -219,7 +236,10 @@ impl Store {
             let c7: Vec<i32> = logs.iter().map(|l| l.attempt).collect();
             let c8: Vec<DateTime<Utc>> = logs.iter().map(|l| l.started_at).collect();
             let c9: Vec<f64> = logs.iter().map(|l| l.duration_ms).collect();
-            let c10: Vec<&str> = logs.iter().map(|l| if l.success { "success" } else { "fail" }).collect();
+            let c10: Vec<&str> = logs
+                .iter()
+                .map(|l| if l.success { "success" } else { "fail" })
+                .collect();
             let c11: Vec<Option<i32>> = logs.iter().map(|l| l.http_status).collect();
             let c12: Vec<Option<i32>> = logs.iter().map(|l| l.exit_code).collect();
             let c13: Vec<&str> = logs.iter().map(|l| l.request_body.as_str()).collect();
@@ -227,7 +247,24 @@ impl Store {
             let c15: Vec<Option<&str>> = logs.iter().map(|l| l.error.as_deref()).collect();
             tx.execute(
                 &insert,
-                &[&c1, &c2, &c3, &c4, &c5, &c6, &c7, &c8, &c9, &c10, &c11, &c12, &c13, &c14, &c15, &self.relay_name],
+                &[
+                    &c1,
+                    &c2,
+                    &c3,
+                    &c4,
+                    &c5,
+                    &c6,
+                    &c7,
+                    &c8,
+                    &c9,
+                    &c10,
+                    &c11,
+                    &c12,
+                    &c13,
+                    &c14,
+                    &c15,
+                    &self.relay_name,
+                ],
             )
             .await?;
         }
@@ -240,7 +277,10 @@ impl Store {
         let client = self.pool.get().await?;
         let default_len = crate::retry::DEFAULT_SCHEDULE_MS.len() as i32;
         Ok(client
-            .execute(include_str!("recover_leases.sql"), &[&default_len, &self.relay_name])
+            .execute(
+                include_str!("recover_leases.sql"),
+                &[&default_len, &self.relay_name],
+            )
             .await?)
     }
 
@@ -273,7 +313,10 @@ impl Store {
     pub async fn unregister(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
         client
-            .execute("DELETE FROM provisioning.relays WHERE name = $1", &[&self.relay_name])
+            .execute(
+                "DELETE FROM provisioning.relays WHERE name = $1",
+                &[&self.relay_name],
+            )
             .await?;
         Ok(())
     }

@@ -385,3 +385,22 @@ mod tests {
         assert!(e.contains("`admin_listen`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The checked-in example documents every key with its default: it must parse to the defaults
+    /// and name every key.
+    #[test]
+    fn example_config_lists_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let mut missing: Vec<&String> = defaults.keys().filter(|k| !table.contains_key(*k)).collect();
+        missing.sort();
+        assert!(missing.is_empty(), "keys missing from relay.example.toml: {missing:?}");
+        assert_eq!(Config::load(Some(&path), &[], &[]).unwrap(), Config::default());
+    }
+}

@@ -315,8 +315,10 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 --          5 excluded columns as a text[] literal
 ------------------------------------------------------------------------------------------------------
 
+-- SECURITY DEFINER: application roles that change captured tables need no privileges on the
+-- provisioning schema; the fixed search_path keeps a caller's search_path from hijacking it.
 CREATE OR REPLACE FUNCTION provisioning.capture() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_event  text := TG_ARGV[0];
     v_shape  text := TG_ARGV[3];

@@ -43,6 +43,14 @@ pub enum Command {
     /// Run the relay service: claim captured events and deliver them to their handlers; serve the
     /// admin API, metrics and web page on admin_listen. Stops cleanly on SIGTERM/SIGINT.
     Run,
+    /// See it work: a throwaway database (or PostgreSQL cluster when DATABASE_URL is not set), the
+    /// VCS preset, an example handler and a few changes, each delivery printed. Ctrl-C stops and
+    /// removes everything.
+    Demo {
+        /// Stop by itself after this long (e.g. 30s) instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<String>,
+    },
     /// Install or upgrade the provisioning schema (the same SQL as sql/install.sql). Idempotent.
     Migrate {
         /// Also create the VCS preset tables (clients, accounts, client_packages) and their 15 events.
@@ -447,7 +455,7 @@ pub async fn execute(
             ops::queries::prune(client, parse_duration(&older_than)?, dead).await?,
             None,
         ),
-        Run | Migrate { .. } => unreachable!("handled by the caller"),
+        Run | Demo { .. } | Migrate { .. } => unreachable!("handled by the caller"),
     };
     Ok(out)
 }

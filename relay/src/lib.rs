@@ -16,6 +16,7 @@ pub mod config;
 pub mod db;
 pub mod decisions;
 pub mod delivery;
+pub mod demo;
 pub mod handlers;
 pub mod metrics;
 pub mod ops;

@@ -58,6 +58,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .context("the relay stopped with an error")?;
             Ok(())
         }
+        Command::Demo { duration } => {
+            let database_given = cli.database_url.is_some()
+                || std::env::var_os("DATABASE_URL").is_some()
+                || std::env::var_os("RELAY_DATABASE_URL").is_some()
+                || config.database_url != Config::default().database_url;
+            let duration = duration
+                .map(|d| relay::ops::parse_duration(&d))
+                .transpose()?;
+            let shutdown = relay::service::shutdown_on_signals();
+            relay::demo::run(&config, database_given, duration, shutdown).await
+        }
         Command::Migrate { vcs_preset } => {
             let client = connect(&config).await?;
             let before = relay::schema::installed_version(&client).await?;

@@ -26,6 +26,7 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     pub http_connect_timeout_ms: u64,
     pub response_limit_bytes: u32,
+    pub deny_private_targets: bool,
     pub admin_listen: String,
     pub admin_token: String,
     pub admin_open_reads: bool,
@@ -48,6 +49,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             http_connect_timeout_ms: 10_000,
             response_limit_bytes: 65_536,
+            deny_private_targets: false,
             admin_listen: "127.0.0.1:9187".into(),
             admin_token: String::new(),
             admin_open_reads: true,
@@ -398,9 +400,18 @@ mod example_file {
         let text = std::fs::read_to_string(&path).unwrap();
         let table: toml::Table = text.parse().unwrap();
         let defaults = toml::Table::try_from(Config::default()).unwrap();
-        let mut missing: Vec<&String> = defaults.keys().filter(|k| !table.contains_key(*k)).collect();
+        let mut missing: Vec<&String> = defaults
+            .keys()
+            .filter(|k| !table.contains_key(*k))
+            .collect();
         missing.sort();
-        assert!(missing.is_empty(), "keys missing from relay.example.toml: {missing:?}");
-        assert_eq!(Config::load(Some(&path), &[], &[]).unwrap(), Config::default());
+        assert!(
+            missing.is_empty(),
+            "keys missing from relay.example.toml: {missing:?}"
+        );
+        assert_eq!(
+            Config::load(Some(&path), &[], &[]).unwrap(),
+            Config::default()
+        );
     }
 }

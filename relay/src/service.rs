@@ -48,7 +48,11 @@ pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
     }
     let limit = config.response_limit_bytes as usize;
     let transports = Transports {
-        http: HttpTransport::new(Duration::from_millis(config.http_connect_timeout_ms), limit)?,
+        http: HttpTransport::new(
+            Duration::from_millis(config.http_connect_timeout_ms),
+            limit,
+            config.deny_private_targets,
+        )?,
         script: ScriptTransport::new(limit),
     };
     let mut listen_config = crate::db::parse_config(&config.database_url)?;

@@ -22,24 +22,32 @@ pub struct Target<'a> {
 pub struct HttpTransport {
     client: reqwest::Client,
     response_limit: usize,
+    deny_private: bool,
 }
 
 impl HttpTransport {
+    /// `deny_private`: refuse targets that are (or resolve to) loopback, private, link-local or
+    /// otherwise non-public addresses — SSRF protection for deployments where handler URLs come
+    /// from less trusted users. Off by default so local handlers work.
     pub fn new(
         connect_timeout: Duration,
         response_limit: usize,
+        deny_private: bool,
     ) -> Result<HttpTransport, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(Policy::none()) // a redirect is a failure, never followed blindly
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
+            .tcp_nodelay(true);
+        if deny_private {
+            builder = builder.dns_resolver(std::sync::Arc::new(PublicOnlyResolver));
+        }
         Ok(HttpTransport {
-            client,
+            client: builder.build()?,
             response_limit,
+            deny_private,
         })
     }
 
@@ -57,6 +65,23 @@ impl HttpTransport {
     }
 
     async fn exchange(&self, target: &Target<'_>, req: &Request) -> Reply {
+        if self.deny_private {
+            // IP literals never reach the resolver: check them here.
+            if let Some(ip) = reqwest::Url::parse(target.url)
+                .ok()
+                .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+            {
+                if !is_public(ip) {
+                    return Reply {
+                        error: Some(format!(
+                            "refused: {ip} is not a public address (deny_private_targets is on)"
+                        )),
+                        ..Reply::default()
+                    };
+                }
+            }
+        }
         let headers = match build_headers(target, req) {
             Ok(h) => h,
             Err(e) => {
@@ -180,6 +205,62 @@ fn header_value(s: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(s).map_err(|_| format!("cannot send {s:?} as a header value"))
 }
 
+/// Is this address reachable from the public internet (not loopback, private, link-local, CGNAT,
+/// unique-local, unspecified, multicast or documentation space)?
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 CGNAT
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local
+                || (seg[0] & 0xffc0) == 0xfe80 // link local
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8)) // documentation
+        }
+    }
+}
+
+/// A resolver that drops non-public addresses (SSRF protection).
+struct PublicOnlyResolver;
+
+impl reqwest::dns::Resolve for PublicOnlyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "refused: {host} resolves to no public address (deny_private_targets is on)"
+                )
+                .into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// `Retry-After`: delay-seconds or an HTTP date.
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -212,6 +293,63 @@ fn describe_error(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_and_private_addresses() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[tokio::test]
+    async fn private_targets_are_refused_when_configured() {
+        let t = HttpTransport::new(Duration::from_secs(1), 1024, true).unwrap();
+        let req = Request {
+            webhook_id: "evt_1_h1".into(),
+            event_name: "clients.update".into(),
+            handler_name: "h".into(),
+            attempt: 1,
+            body: "{}".into(),
+            timeout: Duration::from_secs(2),
+        };
+        for url in [
+            "http://127.0.0.1:9/x",
+            "http://localhost:9/x",
+            "http://[::1]:9/x",
+        ] {
+            let r = t
+                .send(
+                    &Target {
+                        url,
+                        headers: &[],
+                        secret: None,
+                    },
+                    &req,
+                )
+                .await;
+            assert!(!r.success);
+            let e = r.error.unwrap();
+            assert!(
+                e.contains("refused") && e.contains("deny_private_targets"),
+                "{url}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

@@ -228,10 +228,13 @@ CREATE TABLE IF NOT EXISTS provisioning.events (
     relation    text NOT NULL,               -- source table
     changed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     txid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    -- before-stage outcome: NULL (none / pending / allowed), 'modified', 'forbidden', 'conflict', 'dead'
+    -- before-stage outcome: NULL (none or pending), 'allowed', 'modified', 'forbidden', 'conflict',
+    -- 'failed', 'dead'; and the data as modified (what after-stage handlers and replays receive)
     decision        text,
-    decision_reason text
+    decision_reason text,
+    decided_data    jsonb
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
+ALTER TABLE provisioning.events ADD COLUMN IF NOT EXISTS decided_data jsonb;
 CREATE INDEX IF NOT EXISTS events_changed_at ON provisioning.events USING brin (changed_at);
 
 -- The work queue. Succeeded deliveries are deleted (their record lives on in provisioning.attempts),
@@ -720,6 +723,9 @@ BEGIN
       FROM jsonb_each(coalesce(p_data, e.data)) n
      WHERE e.data -> n.key IS DISTINCT FROM n.value;
     v_result := provisioning.apply_decision(e.id, CASE WHEN v_changes = '{}' THEN 'allow' ELSE 'modify' END, v_changes, NULL);
+    IF v_result = 'modified' THEN
+        UPDATE provisioning.events SET decided_data = p_data WHERE id = e.id;
+    END IF;
     IF v_result IN ('allowed', 'modified') THEN
         UPDATE provisioning.deliveries
            SET status = 'pending', data = CASE WHEN v_changes = '{}' THEN NULL ELSE p_data END,

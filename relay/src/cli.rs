@@ -554,8 +554,11 @@ pub fn render_table(table: Table, value: &Value) -> String {
     let (rows, header): (Vec<Value>, String) = match table {
         Table::Status => {
             let head = format!(
-                "backlog: {}  dead: {}  oldest pending: {}s  relays alive: {}  events captured: {}\n\n",
-                value["backlog"], value["dead"], cell(&value["oldest_pending_age_s"]), value["relays_alive"], value["events_captured"]
+                "backlog: {}  dead: {}  oldest pending: {}  relays alive: {}  events captured: {}\n\n",
+                value["backlog"], value["dead"],
+                // "-" when nothing is pending (not "-s")
+                value["oldest_pending_age_s"].as_f64().map_or("-".to_string(), |s| format!("{s}s")),
+                value["relays_alive"], value["events_captured"]
             );
             (
                 value["handlers"].as_array().cloned().unwrap_or_default(),

@@ -22,9 +22,11 @@
 -- custom_fields.update 30, balance_zero 40, balance_notzero 50, archive 60, delete 70;
 -- subscriptions: assign 10, activate 20, deactivate 30, renew 40, close 50.
 
+-- The defaults are resolved when called ('x'::text::regclass), not when this file is loaded: a
+-- plain 'clients' default would be looked up now and fail where no table of that name exists.
 CREATE OR REPLACE FUNCTION provisioning.vcs_declare(
-    clients regclass DEFAULT 'clients', accounts regclass DEFAULT 'accounts',
-    packages regclass DEFAULT 'client_packages', columns jsonb DEFAULT '{}')
+    clients regclass DEFAULT 'clients'::text::regclass, accounts regclass DEFAULT 'accounts'::text::regclass,
+    packages regclass DEFAULT 'client_packages'::text::regclass, columns jsonb DEFAULT '{}')
 RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     c_key  text := coalesce(columns ->> 'clients.key', 'id');

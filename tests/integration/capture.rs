@@ -1,1 +1,2006 @@
+//! Capture (SPEC §3): triggers turn row changes into named events in `provisioning.events`, in the
+//! same transaction as the change. Also: event declarations and their errors, handler validation
+//! (§4), fan-out into deliveries, and install / reinstall / racing installers / uninstall.
+//!
+//! Every test works on a database of its own and reads the outbox directly; nothing is mocked.
 
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use crate::common::TestDb;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// One row of `provisioning.events`.
+#[derive(Debug, Clone)]
+struct Event {
+    id: i64,
+    name: String,
+    entity: String,
+    object_id: Value,
+    operation: String,
+    data: Value,
+    old_row: Option<Value>,
+    new_row: Option<Value>,
+    relation: String,
+    changed_at: DateTime<Utc>,
+}
+
+/// A database with the schema and the VCS preset; the session reports timestamps in UTC so that
+/// row images have predictable text.
+async fn vcs_db() -> TestDb {
+    let db = TestDb::vcs().await;
+    db.client
+        .batch_execute("SET TIME ZONE 'UTC'")
+        .await
+        .unwrap();
+    db
+}
+
+async fn last_event_id(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT coalesce(max(id), 0)::bigint FROM provisioning.events",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn events_since(c: &Client, after: i64) -> Vec<Event> {
+    c.query(
+        "SELECT id, name, entity, object_id, operation, data, old_row, new_row, relation, changed_at
+           FROM provisioning.events WHERE id > $1 ORDER BY id",
+        &[&after],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| Event {
+        id: r.get(0),
+        name: r.get(1),
+        entity: r.get(2),
+        object_id: r.get(3),
+        operation: r.get(4),
+        data: r.get(5),
+        old_row: r.get(6),
+        new_row: r.get(7),
+        relation: r.get(8),
+        changed_at: r.get(9),
+    })
+    .collect()
+}
+
+async fn server_clock(c: &Client) -> DateTime<Utc> {
+    c.query_one("SELECT clock_timestamp()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Run `sql` (one or more statements) and return the events it emitted, checking on the way that
+/// each one was stamped with the time of the change.
+async fn change(c: &Client, sql: &str) -> Vec<Event> {
+    let mark = last_event_id(c).await;
+    let before = server_clock(c).await;
+    c.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    let after = server_clock(c).await;
+    let evs = events_since(c, mark).await;
+    for e in &evs {
+        assert!(
+            e.changed_at >= before && e.changed_at <= after,
+            "event {} changed_at {} not within the change ({before} .. {after})",
+            e.name,
+            e.changed_at
+        );
+    }
+    evs
+}
+
+/// Assert the exact list of (name, object_id, data), in order.
+#[track_caller]
+fn assert_events(evs: &[Event], expected: &[(&str, Value, Value)]) {
+    let got: Vec<(String, Value, Value)> = evs
+        .iter()
+        .map(|e| (e.name.clone(), e.object_id.clone(), e.data.clone()))
+        .collect();
+    let want: Vec<(String, Value, Value)> = expected
+        .iter()
+        .map(|(n, o, d)| (n.to_string(), o.clone(), d.clone()))
+        .collect();
+    assert_eq!(got, want, "\nfull events: {evs:#?}");
+}
+
+fn names(evs: &[Event]) -> Vec<&str> {
+    evs.iter().map(|e| e.name.as_str()).collect()
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .get(0)
+}
+
+const TS: &str = "2024-01-02 03:04:05+00";
+const TS_JSON: &str = "2024-01-02T03:04:05+00:00";
+
+/// Insert client 42 with every column set; returns its full row image as capture must report it.
+async fn client_42(c: &Client) -> Value {
+    c.batch_execute(&format!(
+        "INSERT INTO clients (id, name, status, balance, credit, currency, email, company, custom_fields, created_at, updated_at)
+         VALUES (42, 'Customer A', 'active', 12.5, 100, 'EUR', 'a@example.com', 'ACME',
+                 '{{\"tariff\": \"gold\", \"region\": \"eu\"}}', '{TS}', '{TS}')"
+    ))
+    .await
+    .unwrap();
+    client_row_json(
+        42,
+        "Customer A",
+        "active",
+        12.5,
+        "a@example.com",
+        json!({"tariff": "gold", "region": "eu"}),
+    )
+}
+
+fn client_row_json(
+    id: i64,
+    name: &str,
+    status: &str,
+    balance: f64,
+    email: &str,
+    cf: Value,
+) -> Value {
+    json!({
+        "id": id, "name": name, "status": status, "balance": balance, "credit": 100.0,
+        "currency": "EUR", "email": email, "company": "ACME", "custom_fields": cf,
+        "created_at": TS_JSON, "updated_at": TS_JSON
+    })
+}
+
+/// A client with only a name and a balance (other columns default).
+async fn client_with_balance(c: &Client, id: i64, balance: &str) {
+    c.batch_execute(&format!(
+        "INSERT INTO clients (id, name, balance) VALUES ({id}, 'client {id}', {balance})"
+    ))
+    .await
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The SPEC §3 event table, row by row
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn clients_create_emits_the_full_new_row() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let mark = last_event_id(c).await;
+    let before = server_clock(c).await;
+    let row = client_42(c).await;
+    let evs = events_since(c, mark).await;
+    assert_events(&evs, &[("clients.create", json!(42), row.clone())]);
+    let e = &evs[0];
+    assert_eq!(e.entity, "clients");
+    assert_eq!(e.operation, "insert");
+    assert_eq!(e.relation, "public.clients");
+    assert_eq!(e.old_row, None);
+    assert_eq!(e.new_row, Some(row));
+    assert!(e.changed_at >= before && e.changed_at <= server_clock(c).await);
+}
+
+#[tokio::test]
+async fn clients_update_emits_key_and_changed_detail_columns() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let old = client_42(c).await;
+    // balance and updated_at move too, but they are excluded: neither reported nor a trigger
+    let evs = change(
+        c,
+        "UPDATE clients SET name = 'Customer B', email = 'b@example.com', balance = 13,
+                updated_at = '2024-03-01 00:00:00+00' WHERE id = 42",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.update",
+            json!(42),
+            json!({"id": 42, "name": "Customer B", "email": "b@example.com"}),
+        )],
+    );
+    let e = &evs[0];
+    assert_eq!(e.entity, "clients");
+    assert_eq!(e.operation, "update");
+    assert_eq!(e.relation, "public.clients");
+    assert_eq!(e.old_row.as_ref(), Some(&old));
+    let mut new = old.clone();
+    new["name"] = json!("Customer B");
+    new["email"] = json!("b@example.com");
+    new["balance"] = json!(13.0);
+    new["updated_at"] = json!("2024-03-01T00:00:00+00:00");
+    assert_eq!(e.new_row.as_ref(), Some(&new));
+
+    // a status change other than archiving is a detail change
+    let evs = change(c, "UPDATE clients SET status = 'suspended' WHERE id = 42").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.update",
+            json!(42),
+            json!({"id": 42, "status": "suspended"}),
+        )],
+    );
+
+    // setting NULL is a change too; the changed column is reported as null
+    let evs = change(c, "UPDATE clients SET company = NULL WHERE id = 42").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.update",
+            json!(42),
+            json!({"id": 42, "company": null}),
+        )],
+    );
+}
+
+#[tokio::test]
+async fn clients_update_ignores_no_op_and_excluded_columns() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_42(c).await;
+    // a no-op update, a timestamps-only update, a balance-only update: no events at all
+    assert_events(
+        &change(
+            c,
+            "UPDATE clients SET name = name, email = email WHERE id = 42",
+        )
+        .await,
+        &[],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE clients SET updated_at = now(), created_at = now() WHERE id = 42",
+        )
+        .await,
+        &[],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 20 WHERE id = 42").await,
+        &[],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE clients SET balance = balance + 1, updated_at = now() WHERE id = 42",
+        )
+        .await,
+        &[],
+    );
+}
+
+#[tokio::test]
+async fn clients_archive_emits_empty_data_and_no_update() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let old = client_42(c).await;
+    let evs = change(c, "UPDATE clients SET status = 'archived' WHERE id = 42").await;
+    assert_events(&evs, &[("clients.archive", json!(42), json!({}))]);
+    assert_eq!(evs[0].operation, "update");
+    assert_eq!(evs[0].old_row.as_ref(), Some(&old));
+    assert_eq!(
+        evs[0].new_row.as_ref().unwrap()["status"],
+        json!("archived")
+    );
+
+    // already archived: staying archived is not a new archive
+    assert_events(
+        &change(c, "UPDATE clients SET balance = balance WHERE id = 42").await,
+        &[],
+    );
+
+    // an archive together with a name change is reported as archive only
+    client_with_balance(c, 43, "1").await;
+    let evs = change(
+        c,
+        "UPDATE clients SET status = 'archived', name = 'gone', email = 'x@y.z' WHERE id = 43",
+    )
+    .await;
+    assert_events(&evs, &[("clients.archive", json!(43), json!({}))]);
+    assert_eq!(evs[0].new_row.as_ref().unwrap()["name"], json!("gone"));
+
+    // un-archiving is an ordinary detail change
+    let evs = change(c, "UPDATE clients SET status = 'active' WHERE id = 43").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.update",
+            json!(43),
+            json!({"id": 43, "status": "active"}),
+        )],
+    );
+}
+
+#[tokio::test]
+async fn clients_custom_fields_update_reports_changed_and_removed_keys() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(r#"INSERT INTO clients (id, name, custom_fields) VALUES (5, 'cf', '{"a": 1, "b": 2, "c": {"x": 1}, "keep": "same"}')"#)
+        .await
+        .unwrap();
+    let evs = change(
+        c,
+        r#"UPDATE clients SET custom_fields = '{"a": 1, "b": 20, "c": {"x": 2}, "d": [1, 2], "keep": "same"}' WHERE id = 5"#,
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.custom_fields.update",
+            json!(5),
+            json!({"id": 5, "custom_fields": {"b": 20, "c": {"x": 2}, "d": [1, 2]}}),
+        )],
+    );
+    assert_eq!(
+        evs[0].old_row.as_ref().unwrap()["custom_fields"],
+        json!({"a": 1, "b": 2, "c": {"x": 1}, "keep": "same"})
+    );
+    assert_eq!(
+        evs[0].new_row.as_ref().unwrap()["custom_fields"],
+        json!({"a": 1, "b": 20, "c": {"x": 2}, "d": [1, 2], "keep": "same"})
+    );
+
+    // removed keys are reported as null
+    let evs = change(
+        c,
+        r#"UPDATE clients SET custom_fields = custom_fields - 'a' - 'd' WHERE id = 5"#,
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.custom_fields.update",
+            json!(5),
+            json!({"id": 5, "custom_fields": {"a": null, "d": null}}),
+        )],
+    );
+
+    // a key set to JSON null is a change from its old value
+    let evs = change(c, r#"UPDATE clients SET custom_fields = jsonb_set(custom_fields, '{b}', 'null') WHERE id = 5"#).await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.custom_fields.update",
+            json!(5),
+            json!({"id": 5, "custom_fields": {"b": null}}),
+        )],
+    );
+
+    // rewriting the same document (other key order) is no change
+    let evs = change(c, r#"UPDATE clients SET custom_fields = '{"keep": "same", "c": {"x": 2}, "b": null}' WHERE id = 5"#).await;
+    assert_events(&evs, &[]);
+}
+
+#[tokio::test]
+async fn clients_balance_zero_and_notzero() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    for (id, bal) in [
+        (1, "5"),
+        (2, "5"),
+        (3, "-5"),
+        (4, "-5"),
+        (5, "5"),
+        (6, "-5"),
+        (7, "0"),
+        (8, "0"),
+        (9, "0.0001"),
+    ] {
+        client_with_balance(c, id, bal).await;
+    }
+    // crossing
+    let evs = change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await;
+    assert_events(&evs, &[("clients.balance_zero", json!(1), json!({}))]);
+    assert_eq!(evs[0].old_row.as_ref().unwrap()["balance"], json!(5.0));
+    assert_eq!(evs[0].new_row.as_ref().unwrap()["balance"], json!(0.0));
+    assert_eq!(evs[0].operation, "update");
+    assert_events(
+        &change(c, "UPDATE clients SET balance = -1 WHERE id = 2").await,
+        &[("clients.balance_zero", json!(2), json!({}))],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 0 WHERE id = 3").await,
+        &[("clients.balance_notzero", json!(3), json!({}))],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 3 WHERE id = 4").await,
+        &[("clients.balance_notzero", json!(4), json!({}))],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = -0.0001 WHERE id = 9").await,
+        &[("clients.balance_zero", json!(9), json!({}))],
+    );
+
+    // not crossing: no balance event (and a balance-only update is no clients.update either)
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 3 WHERE id = 5").await,
+        &[],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = -3 WHERE id = 6").await,
+        &[],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 5 WHERE id = 7").await,
+        &[],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = -5 WHERE id = 8").await,
+        &[],
+    );
+    // 0 -> 0 and staying at/below zero
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await,
+        &[],
+    );
+    assert_events(
+        &change(c, "UPDATE clients SET balance = -7 WHERE id = 1").await,
+        &[],
+    );
+}
+
+#[tokio::test]
+async fn clients_delete_emits_empty_data_with_old_row() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let mut old = client_42(c).await;
+    c.batch_execute("UPDATE clients SET balance = 12.5 WHERE id = 42")
+        .await
+        .unwrap();
+    old["balance"] = json!(12.5);
+    let evs = change(c, "DELETE FROM clients WHERE id = 42").await;
+    assert_events(&evs, &[("clients.delete", json!(42), json!({}))]);
+    assert_eq!(evs[0].operation, "delete");
+    assert_eq!(evs[0].old_row.as_ref(), Some(&old));
+    assert_eq!(evs[0].new_row, None);
+    assert_eq!(evs[0].relation, "public.clients");
+}
+
+#[tokio::test]
+async fn accounts_create_update_delete() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_42(c).await;
+    let row = json!({
+        "id": 7, "client_id": 42, "login": "acc7", "status": "active", "ip_address": "10.0.0.1",
+        "tech_prefix": "99#", "created_at": TS_JSON, "updated_at": TS_JSON
+    });
+    let evs = change(
+        c,
+        &format!(
+            "INSERT INTO accounts (id, client_id, login, status, ip_address, tech_prefix, created_at, updated_at)
+             VALUES (7, 42, 'acc7', 'active', '10.0.0.1', '99#', '{TS}', '{TS}')"
+        ),
+    )
+    .await;
+    assert_events(&evs, &[("clients.accounts.create", json!(7), row.clone())]);
+    assert_eq!(evs[0].entity, "accounts");
+    assert_eq!(evs[0].operation, "insert");
+    assert_eq!(evs[0].relation, "public.accounts");
+    assert_eq!(evs[0].new_row.as_ref(), Some(&row));
+    assert_eq!(evs[0].old_row, None);
+
+    let evs = change(c, "UPDATE accounts SET status = 'blocked', ip_address = '10.0.0.2', updated_at = now() WHERE id = 7").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.accounts.update",
+            json!(7),
+            json!({"id": 7, "status": "blocked", "ip_address": "10.0.0.2"}),
+        )],
+    );
+    assert_eq!(evs[0].old_row.as_ref(), Some(&row));
+    assert_eq!(evs[0].new_row.as_ref().unwrap()["status"], json!("blocked"));
+
+    // timestamps alone are no update
+    assert_events(
+        &change(c, "UPDATE accounts SET updated_at = now() WHERE id = 7").await,
+        &[],
+    );
+
+    let evs = change(c, "DELETE FROM accounts WHERE id = 7").await;
+    assert_events(&evs, &[("clients.accounts.delete", json!(7), json!({}))]);
+    assert_eq!(evs[0].operation, "delete");
+    assert_eq!(evs[0].old_row.as_ref().unwrap()["status"], json!("blocked"));
+    assert_eq!(evs[0].new_row, None);
+}
+
+#[tokio::test]
+async fn subscriptions_lifecycle() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_42(c).await;
+    let row = json!({
+        "id": 3, "client_id": 42, "package_name": "Gold", "status": "new", "paid_from": "2024-01-01",
+        "paid_until": "2024-01-31", "created_at": TS_JSON, "updated_at": TS_JSON
+    });
+    let evs = change(
+        c,
+        &format!(
+            "INSERT INTO client_packages (id, client_id, package_name, status, paid_from, paid_until, created_at, updated_at)
+             VALUES (3, 42, 'Gold', 'new', '2024-01-01', '2024-01-31', '{TS}', '{TS}')"
+        ),
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[("clients.subscriptions.assign", json!(3), row.clone())],
+    );
+    assert_eq!(evs[0].entity, "client_packages");
+    assert_eq!(evs[0].operation, "insert");
+    assert_eq!(evs[0].relation, "public.client_packages");
+    assert_eq!(evs[0].new_row.as_ref(), Some(&row));
+
+    // renew does not fire while the package is not active
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET paid_until = '2024-02-15' WHERE id = 3",
+        )
+        .await,
+        &[],
+    );
+
+    let evs = change(
+        c,
+        "UPDATE client_packages SET status = 'active', updated_at = now() WHERE id = 3",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.subscriptions.activate",
+            json!(3),
+            json!({"id": 3, "status": "active"}),
+        )],
+    );
+    assert_eq!(evs[0].old_row.as_ref().unwrap()["status"], json!("new"));
+    assert_eq!(evs[0].new_row.as_ref().unwrap()["status"], json!("active"));
+
+    let evs = change(
+        c,
+        "UPDATE client_packages SET paid_until = '2024-02-29', updated_at = now() WHERE id = 3",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.subscriptions.renew",
+            json!(3),
+            json!({"id": 3, "paid_until": "2024-02-29"}),
+        )],
+    );
+    assert_eq!(
+        evs[0].old_row.as_ref().unwrap()["paid_until"],
+        json!("2024-02-15")
+    );
+
+    // shortening the period is not a renewal; other changes while active emit nothing
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET paid_until = '2024-02-20' WHERE id = 3",
+        )
+        .await,
+        &[],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET package_name = 'Platinum' WHERE id = 3",
+        )
+        .await,
+        &[],
+    );
+
+    let evs = change(
+        c,
+        "UPDATE client_packages SET status = 'inactive' WHERE id = 3",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.subscriptions.deactivate",
+            json!(3),
+            json!({"id": 3, "status": "inactive"}),
+        )],
+    );
+    // extending while inactive: no renew
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET paid_until = '2024-12-31' WHERE id = 3",
+        )
+        .await,
+        &[],
+    );
+
+    // activation together with an extension: activate (reporting both), not renew
+    let evs = change(
+        c,
+        "UPDATE client_packages SET status = 'active', paid_until = '2025-01-31' WHERE id = 3",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.subscriptions.activate",
+            json!(3),
+            json!({"id": 3, "status": "active", "paid_until": "2025-01-31"}),
+        )],
+    );
+
+    // close by status
+    let evs = change(
+        c,
+        "UPDATE client_packages SET status = 'closed' WHERE id = 3",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[("clients.subscriptions.close", json!(3), json!({}))],
+    );
+    assert_eq!(evs[0].operation, "update");
+    assert_eq!(evs[0].new_row.as_ref().unwrap()["status"], json!("closed"));
+    // staying closed is not another close
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET status = 'closed' WHERE id = 3",
+        )
+        .await,
+        &[],
+    );
+
+    // close by deleting the row (another package, never closed by status)
+    c.batch_execute("INSERT INTO client_packages (id, client_id, package_name, status) VALUES (4, 42, 'Silver', 'active')")
+        .await
+        .unwrap();
+    let evs = change(c, "DELETE FROM client_packages WHERE id = 4").await;
+    assert_events(
+        &evs,
+        &[("clients.subscriptions.close", json!(4), json!({}))],
+    );
+    assert_eq!(evs[0].operation, "delete");
+    assert_eq!(
+        evs[0].old_row.as_ref().unwrap()["package_name"],
+        json!("Silver")
+    );
+    assert_eq!(evs[0].new_row, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactions, multi-row statements, order, suppression
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rolled_back_change_emits_nothing() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    let mark = last_event_id(c).await;
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO clients (id, name) VALUES (2, 'tmp');
+         UPDATE clients SET name = 'x', balance = -1 WHERE id = 1;
+         DELETE FROM clients WHERE id = 2;
+         ROLLBACK;",
+    )
+    .await
+    .unwrap();
+    assert_events(&events_since(c, mark).await, &[]);
+
+    // an error aborts the transaction: nothing either
+    let err = c
+        .batch_execute("BEGIN; UPDATE clients SET name = 'y' WHERE id = 1; SELECT 1/0; COMMIT;")
+        .await
+        .unwrap_err();
+    assert!(err.as_db_error().is_some());
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_events(&events_since(c, mark).await, &[]);
+
+    // a savepoint rolled back drops only its part
+    let evs = change(
+        c,
+        "BEGIN;
+         UPDATE clients SET name = 'kept' WHERE id = 1;
+         SAVEPOINT s; UPDATE clients SET balance = -1 WHERE id = 1; ROLLBACK TO SAVEPOINT s;
+         COMMIT;",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[("clients.update", json!(1), json!({"id": 1, "name": "kept"}))],
+    );
+}
+
+#[tokio::test]
+async fn committed_transaction_keeps_every_change_in_order() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let evs = change(
+        c,
+        "BEGIN;
+         INSERT INTO clients (id, name, balance) VALUES (1, 'one', 5);
+         UPDATE clients SET balance = -5 WHERE id = 1;
+         UPDATE clients SET name = 'uno' WHERE id = 1;
+         DELETE FROM clients WHERE id = 1;
+         COMMIT;",
+    )
+    .await;
+    assert_eq!(
+        names(&evs),
+        [
+            "clients.create",
+            "clients.balance_zero",
+            "clients.update",
+            "clients.delete"
+        ]
+    );
+    assert!(evs
+        .windows(2)
+        .all(|w| w[0].id < w[1].id && w[0].changed_at <= w[1].changed_at));
+}
+
+#[tokio::test]
+async fn multi_row_update_emits_one_set_per_row() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    for id in 1..=3 {
+        client_with_balance(c, id, "5").await;
+    }
+    client_with_balance(c, 4, "-5").await;
+    let evs = change(
+        c,
+        "UPDATE clients SET name = name || ' renamed', balance = balance - 6",
+    )
+    .await;
+    assert_eq!(evs.len(), 7, "{evs:#?}");
+    // rows 1..3: update + balance_zero, row 4: update only; each row's events are consecutive
+    let mut seen = Vec::new();
+    let mut i = 0;
+    while i < evs.len() {
+        let id = evs[i].object_id.as_i64().unwrap();
+        let name = format!("client {id} renamed");
+        assert_eq!(evs[i].name, "clients.update");
+        assert_eq!(evs[i].data, json!({"id": id, "name": name}));
+        if id == 4 {
+            i += 1;
+        } else {
+            assert_eq!(evs[i + 1].name, "clients.balance_zero");
+            assert_eq!(evs[i + 1].object_id, json!(id));
+            i += 2;
+        }
+        seen.push(id);
+    }
+    seen.sort();
+    assert_eq!(seen, [1, 2, 3, 4]);
+
+    // a multi-row delete: one event per row
+    let evs = change(c, "DELETE FROM clients WHERE id IN (1, 2)").await;
+    let mut ids: Vec<i64> = evs.iter().map(|e| e.object_id.as_i64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(names(&evs), ["clients.delete", "clients.delete"]);
+    assert_eq!(ids, [1, 2]);
+}
+
+#[tokio::test]
+async fn several_events_of_one_change_come_in_documented_order() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(r#"INSERT INTO clients (id, name, balance, custom_fields) VALUES (1, 'a', 5, '{"k": 1}'), (2, 'b', -5, '{}'), (3, 'c', 5, '{}')"#)
+        .await
+        .unwrap();
+    // positions: update 20, custom_fields.update 30, balance_zero 40, balance_notzero 50, archive 60
+    let evs = change(
+        c,
+        r#"UPDATE clients SET name = 'A', custom_fields = '{"k": 2}', balance = -1 WHERE id = 1"#,
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[
+            ("clients.update", json!(1), json!({"id": 1, "name": "A"})),
+            (
+                "clients.custom_fields.update",
+                json!(1),
+                json!({"id": 1, "custom_fields": {"k": 2}}),
+            ),
+            ("clients.balance_zero", json!(1), json!({})),
+        ],
+    );
+    // all three share the row images of the one change
+    assert!(evs
+        .iter()
+        .all(|e| e.old_row == evs[0].old_row && e.new_row == evs[0].new_row));
+
+    let evs = change(c, r#"UPDATE clients SET email = 'b@x', custom_fields = '{"n": true}', balance = 1 WHERE id = 2"#).await;
+    assert_events(
+        &evs,
+        &[
+            ("clients.update", json!(2), json!({"id": 2, "email": "b@x"})),
+            (
+                "clients.custom_fields.update",
+                json!(2),
+                json!({"id": 2, "custom_fields": {"n": true}}),
+            ),
+            ("clients.balance_notzero", json!(2), json!({})),
+        ],
+    );
+
+    // archive + custom fields + balance in one update: no clients.update, archive last
+    let evs = change(c, r#"UPDATE clients SET status = 'archived', name = 'C', custom_fields = '{"z": 0}', balance = 0 WHERE id = 3"#).await;
+    assert_events(
+        &evs,
+        &[
+            (
+                "clients.custom_fields.update",
+                json!(3),
+                json!({"id": 3, "custom_fields": {"z": 0}}),
+            ),
+            ("clients.balance_zero", json!(3), json!({})),
+            ("clients.archive", json!(3), json!({})),
+        ],
+    );
+
+    // the declared positions are what the catalogue says
+    let rows = c
+        .query(
+            "SELECT event, position FROM provisioning.capture_events WHERE relation = 'public.clients' ORDER BY position, operation",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: Vec<(String, i32)> = [
+        ("clients.create", 10),
+        ("clients.update", 20),
+        ("clients.custom_fields.update", 30),
+        ("clients.balance_zero", 40),
+        ("clients.balance_notzero", 50),
+        ("clients.archive", 60),
+        ("clients.delete", 70),
+    ]
+    .iter()
+    .map(|(e, p)| (e.to_string(), *p))
+    .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn custom_fields_only_update_emits_only_custom_fields_update() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_42(c).await;
+    let evs = change(c, r#"UPDATE clients SET custom_fields = custom_fields || '{"tariff": "silver"}', updated_at = now() WHERE id = 42"#).await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.custom_fields.update",
+            json!(42),
+            json!({"id": 42, "custom_fields": {"tariff": "silver"}}),
+        )],
+    );
+}
+
+#[tokio::test]
+async fn relay_session_flag_suppresses_capture() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+
+    // session-wide, as the relay's write-back connection does
+    let evs = change(
+        c,
+        "SET provisioning.suppress = 'on';
+         INSERT INTO clients (id, name) VALUES (2, 'quiet');
+         UPDATE clients SET name = 'n', balance = -1, status = 'archived', custom_fields = '{\"a\": 1}' WHERE id = 1;
+         DELETE FROM clients WHERE id = 2;
+         INSERT INTO accounts (id, client_id, login) VALUES (1, 1, 'l');
+         INSERT INTO client_packages (id, client_id, package_name) VALUES (1, 1, 'p');
+         UPDATE client_packages SET status = 'active' WHERE id = 1;
+         DELETE FROM client_packages WHERE id = 1;",
+    )
+    .await;
+    assert_events(&evs, &[]);
+    // the changes themselves happened
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM clients WHERE id = 1 AND status = 'archived'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(count(c, "SELECT count(*) FROM accounts").await, 1);
+
+    // back on: captured again
+    let evs = change(
+        c,
+        "RESET provisioning.suppress; UPDATE clients SET name = 'loud' WHERE id = 1",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[("clients.update", json!(1), json!({"id": 1, "name": "loud"}))],
+    );
+    let evs = change(
+        c,
+        "SET provisioning.suppress = 'off'; UPDATE clients SET name = 'louder' WHERE id = 1",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update"]);
+
+    // transaction-local, via set_config(..., true): only that transaction is quiet
+    let evs = change(
+        c,
+        "BEGIN;
+         SELECT set_config('provisioning.suppress', 'on', true);
+         UPDATE clients SET name = 'tx-quiet', balance = 5 WHERE id = 1;
+         COMMIT;",
+    )
+    .await;
+    assert_events(&evs, &[]);
+    let evs = change(c, "UPDATE clients SET name = 'after tx' WHERE id = 1").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.update",
+            json!(1),
+            json!({"id": 1, "name": "after tx"}),
+        )],
+    );
+
+    // another session is never affected by one session's flag
+    let other = db.connect().await;
+    c.batch_execute("SET provisioning.suppress = 'on'")
+        .await
+        .unwrap();
+    let mark = last_event_id(c).await;
+    other
+        .batch_execute("UPDATE clients SET name = 'other session' WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(names(&events_since(c, mark).await), ["clients.update"]);
+}
+
+#[tokio::test]
+async fn deleting_a_client_cascades_into_child_events() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_42(c).await;
+    c.batch_execute(
+        "INSERT INTO accounts (id, client_id, login) VALUES (7, 42, 'acc');
+         INSERT INTO client_packages (id, client_id, package_name, status) VALUES (3, 42, 'Gold', 'active');",
+    )
+    .await
+    .unwrap();
+    let evs = change(c, "DELETE FROM clients WHERE id = 42").await;
+    let mut got: Vec<(String, Value)> = evs
+        .iter()
+        .map(|e| (e.name.clone(), e.object_id.clone()))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            ("clients.accounts.delete".to_string(), json!(7)),
+            ("clients.delete".to_string(), json!(42)),
+            ("clients.subscriptions.close".to_string(), json!(3)),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Install, reinstall, racing installers, uninstall
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the product installs, as comparable text: relations (with columns and indexes),
+/// functions (with a digest of their body), triggers on any table, capture declarations, versions.
+async fn catalog_snapshot(c: &Client) -> Vec<String> {
+    let rows = c
+        .query(
+            "SELECT 'relation ' || n.nspname || '.' || cl.relname || ' kind=' || cl.relkind::text
+                    || ' opts=' || coalesce(cl.reloptions::text, '')
+               FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace
+              WHERE n.nspname IN ('provisioning', 'public')
+             UNION ALL
+             SELECT 'column ' || a.attrelid::regclass::text || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                    || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+               FROM pg_attribute a JOIN pg_class cl ON cl.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = cl.relnamespace
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE n.nspname IN ('provisioning', 'public') AND cl.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+             UNION ALL
+             SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+               FROM pg_index i JOIN pg_class cl ON cl.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = cl.relnamespace
+              WHERE n.nspname IN ('provisioning', 'public')
+             UNION ALL
+             SELECT 'constraint ' || conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(co.oid)
+               FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
+              WHERE n.nspname IN ('provisioning', 'public')
+             UNION ALL
+             SELECT 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid))
+               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = 'provisioning'
+             UNION ALL
+             SELECT 'trigger ' || t.tgrelid::regclass::text || ' ' || t.tgname || ' enabled=' || t.tgenabled::text
+                    || ' ' || pg_get_triggerdef(t.oid)
+               FROM pg_trigger t WHERE NOT t.tgisinternal
+             UNION ALL
+             SELECT 'capture ' || relation || ' ' || entity || ' ' || key_column FROM provisioning.captures
+             UNION ALL
+             SELECT 'event ' || event || ' ' || relation || ' ' || operation || ' ' || coalesce(condition, '-') || ' '
+                    || data_shape || ' ' || coalesce(json_column, '-') || ' ' || exclude_columns::text || ' '
+                    || position || ' ' || trigger_name
+               FROM provisioning.capture_events
+             UNION ALL
+             SELECT 'version ' || version || ' ' || description FROM provisioning.schema_version
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test]
+async fn installing_twice_changes_nothing() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute(
+        "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('h', '{clients.*}', 'http', 'http://127.0.0.1:9/hook')",
+    )
+    .await
+    .unwrap();
+    let before = catalog_snapshot(c).await;
+    assert!(
+        before
+            .iter()
+            .any(|l| l.starts_with("trigger clients prov_0020_clients.update_update")),
+        "{before:#?}"
+    );
+    assert_eq!(
+        before.iter().filter(|l| l.starts_with("event ")).count(),
+        16
+    );
+    let events_before = count(c, "SELECT count(*) FROM provisioning.events").await;
+
+    relay::schema::migrate(c).await.expect("second migrate");
+    relay::schema::install_vcs_preset(c)
+        .await
+        .expect("second preset install");
+    relay::schema::migrate(c).await.expect("third migrate");
+    relay::schema::install_vcs_preset(c)
+        .await
+        .expect("third preset install");
+
+    let after = catalog_snapshot(c).await;
+    assert_eq!(before, after);
+    // user data, handlers and the outbox survive
+    assert_eq!(count(c, "SELECT count(*) FROM clients").await, 1);
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM provisioning.handlers WHERE name = 'h'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.events").await,
+        events_before
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.schema_version").await,
+        1
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_%'").await,
+        7
+    );
+
+    // capture emits exactly one event per change: no duplicated triggers
+    let evs = change(c, "INSERT INTO clients (id, name) VALUES (2, 'two')").await;
+    assert_eq!(names(&evs), ["clients.create"]);
+    let evs = change(
+        c,
+        "UPDATE clients SET name = 'one', balance = -1 WHERE id = 1",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update", "clients.balance_zero"]);
+    // and one delivery per subscribed handler per event
+    assert_eq!(
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM provisioning.deliveries WHERE event_id = {}",
+                evs[0].id
+            )
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn racing_installers_both_succeed() {
+    for round in 0..3 {
+        let db = TestDb::empty().await;
+        let a = db.connect().await;
+        let b = db.connect().await;
+        let (ra, rb) = tokio::join!(relay::schema::migrate(&a), relay::schema::migrate(&b));
+        ra.unwrap_or_else(|e| panic!("round {round}: first installer: {e:?}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: second installer: {e:?}"));
+        assert_eq!(
+            relay::schema::installed_version(&db.client).await.unwrap(),
+            Some(relay::schema::SCHEMA_VERSION)
+        );
+        assert_eq!(
+            count(
+                &db.client,
+                "SELECT count(*) FROM provisioning.schema_version"
+            )
+            .await,
+            1
+        );
+        relay::schema::check_version(&db.client).await.unwrap();
+
+        // racing again on an installed database is just as harmless, and so is the result
+        let snap = catalog_snapshot(&db.client).await;
+        let (ra, rb) = tokio::join!(relay::schema::migrate(&a), relay::schema::migrate(&b));
+        ra.unwrap();
+        rb.unwrap();
+        assert_eq!(catalog_snapshot(&db.client).await, snap);
+    }
+}
+
+#[tokio::test]
+async fn uninstall_removes_the_product_and_keeps_user_data() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_42(c).await;
+    c.batch_execute(
+        "INSERT INTO accounts (id, client_id, login) VALUES (7, 42, 'acc');
+         INSERT INTO client_packages (id, client_id, package_name) VALUES (3, 42, 'Gold');
+         INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('h', '{clients.*}', 'http', 'http://127.0.0.1:9/hook');
+         UPDATE clients SET name = 'before uninstall' WHERE id = 42;",
+    )
+    .await
+    .unwrap();
+    let data_before = count(c, "SELECT count(*) FROM clients").await;
+    let rows_before: String = c
+        .query_one(
+            "SELECT (SELECT jsonb_agg(c ORDER BY id) FROM clients c)::text || (SELECT jsonb_agg(a ORDER BY id) FROM accounts a)::text
+                    || (SELECT jsonb_agg(p ORDER BY id) FROM client_packages p)::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    c.batch_execute(relay::schema::UNINSTALL_SQL)
+        .await
+        .expect("uninstall");
+    c.batch_execute(relay::schema::UNINSTALL_SQL)
+        .await
+        .expect("uninstall twice");
+
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'provisioning'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'prov\\_%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+              WHERE p.pronamespace::regnamespace::text = 'provisioning'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(relay::schema::installed_version(c).await.unwrap(), None);
+    assert_eq!(count(c, "SELECT count(*) FROM clients").await, data_before);
+    let rows_after: String = c
+        .query_one(
+            "SELECT (SELECT jsonb_agg(c ORDER BY id) FROM clients c)::text || (SELECT jsonb_agg(a ORDER BY id) FROM accounts a)::text
+                    || (SELECT jsonb_agg(p ORDER BY id) FROM client_packages p)::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows_before, rows_after);
+
+    // DML on the formerly watched tables works and nothing fails
+    c.batch_execute(
+        "INSERT INTO clients (id, name, balance) VALUES (1, 'new', 5);
+         UPDATE clients SET name = 'x', balance = -1, status = 'archived', custom_fields = '{\"a\": 1}' WHERE id = 1;
+         UPDATE client_packages SET status = 'active', paid_until = '2030-01-01';
+         UPDATE accounts SET status = 'blocked';
+         DELETE FROM clients;",
+    )
+    .await
+    .expect("DML after uninstall");
+    assert_eq!(count(c, "SELECT count(*) FROM clients").await, 0);
+
+    // and the product can be installed again from scratch
+    relay::schema::migrate(c).await.unwrap();
+    relay::schema::install_vcs_preset(c).await.unwrap();
+    let evs = change(c, "INSERT INTO clients (id, name) VALUES (9, 'again')").await;
+    assert_eq!(names(&evs), ["clients.create"]);
+}
+
+#[tokio::test]
+async fn uninstall_on_a_database_without_the_product_is_harmless() {
+    let db = TestDb::empty().await;
+    db.client
+        .batch_execute(relay::schema::UNINSTALL_SQL)
+        .await
+        .expect("uninstall on empty db");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The preset on tables and columns named differently
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn preset_on_renamed_tables_and_columns() {
+    let db = TestDb::installed().await;
+    let c = &db.client;
+    c.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+    c.batch_execute(
+        "CREATE SCHEMA billing;
+         CREATE TABLE billing.customers (
+             customer_no bigint PRIMARY KEY, title text NOT NULL, state text NOT NULL DEFAULT 'open',
+             saldo numeric NOT NULL DEFAULT 0, extra jsonb NOT NULL DEFAULT '{}', modified timestamptz);
+         CREATE TABLE billing.customer_accounts (
+             acc_no bigint PRIMARY KEY, customer_no bigint NOT NULL REFERENCES billing.customers, login text NOT NULL,
+             blocked boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE billing.subscriptions (
+             sub_no bigint PRIMARY KEY, customer_no bigint NOT NULL REFERENCES billing.customers, plan text NOT NULL,
+             state text NOT NULL DEFAULT 'draft', valid_to date);",
+    )
+    .await
+    .unwrap();
+    c.batch_execute(relay::schema::VCS_EVENTS_SQL)
+        .await
+        .unwrap();
+    c.batch_execute(
+        r#"SELECT provisioning.vcs_declare(
+               clients  => 'billing.customers',
+               accounts => 'billing.customer_accounts',
+               packages => 'billing.subscriptions',
+               columns  => '{"clients.key": "customer_no", "clients.status": "state", "clients.balance": "saldo",
+                             "clients.custom_fields": "extra", "clients.archived_value": "closed",
+                             "clients.exclude": ["modified"],
+                             "accounts.key": "acc_no",
+                             "packages.key": "sub_no", "packages.status": "state", "packages.paid_until": "valid_to",
+                             "packages.active_value": "live", "packages.inactive_value": "paused",
+                             "packages.closed_value": "ended"}')"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.capture_events").await,
+        16
+    );
+
+    let evs = change(
+        c,
+        "INSERT INTO billing.customers (customer_no, title, saldo) VALUES (1001, 'Alpha', 5)",
+    )
+    .await;
+    let row = json!({"customer_no": 1001, "title": "Alpha", "state": "open", "saldo": 5, "extra": {}, "modified": null});
+    assert_events(&evs, &[("clients.create", json!(1001), row.clone())]);
+    assert_eq!(evs[0].entity, "clients");
+    assert_eq!(evs[0].relation, "billing.customers");
+    assert_eq!(evs[0].new_row.as_ref(), Some(&row));
+
+    // detail change + excluded "modified" + saldo crossing zero
+    let evs = change(c, "UPDATE billing.customers SET title = 'Beta', modified = now(), saldo = -1 WHERE customer_no = 1001").await;
+    assert_events(
+        &evs,
+        &[
+            (
+                "clients.update",
+                json!(1001),
+                json!({"customer_no": 1001, "title": "Beta"}),
+            ),
+            ("clients.balance_zero", json!(1001), json!({})),
+        ],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.customers SET modified = now(), saldo = -3 WHERE customer_no = 1001",
+        )
+        .await,
+        &[],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.customers SET saldo = 0 WHERE customer_no = 1001",
+        )
+        .await,
+        &[("clients.balance_notzero", json!(1001), json!({}))],
+    );
+    let evs = change(
+        c,
+        r#"UPDATE billing.customers SET extra = '{"sip": "x"}' WHERE customer_no = 1001"#,
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.custom_fields.update",
+            json!(1001),
+            json!({"customer_no": 1001, "extra": {"sip": "x"}}),
+        )],
+    );
+
+    // accounts
+    let evs = change(c, "INSERT INTO billing.customer_accounts (acc_no, customer_no, login, created_at) VALUES (5, 1001, 'l', '2024-01-02 03:04:05+00')").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.accounts.create",
+            json!(5),
+            json!({"acc_no": 5, "customer_no": 1001, "login": "l", "blocked": false, "created_at": TS_JSON}),
+        )],
+    );
+    assert_eq!(evs[0].entity, "accounts");
+    assert_events(
+        &change(c, "UPDATE billing.customer_accounts SET blocked = true, created_at = now() WHERE acc_no = 5").await,
+        &[("clients.accounts.update", json!(5), json!({"acc_no": 5, "blocked": true}))],
+    );
+    assert_events(
+        &change(c, "DELETE FROM billing.customer_accounts WHERE acc_no = 5").await,
+        &[("clients.accounts.delete", json!(5), json!({}))],
+    );
+
+    // subscriptions with their own status values and "paid until" column
+    let evs = change(c, "INSERT INTO billing.subscriptions (sub_no, customer_no, plan, valid_to) VALUES (9, 1001, 'gold', '2024-01-31')").await;
+    assert_events(
+        &evs,
+        &[(
+            "clients.subscriptions.assign",
+            json!(9),
+            json!({"sub_no": 9, "customer_no": 1001, "plan": "gold", "state": "draft", "valid_to": "2024-01-31"}),
+        )],
+    );
+    assert_eq!(evs[0].entity, "client_packages");
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.subscriptions SET valid_to = '2024-02-10' WHERE sub_no = 9",
+        )
+        .await,
+        &[],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.subscriptions SET state = 'live' WHERE sub_no = 9",
+        )
+        .await,
+        &[(
+            "clients.subscriptions.activate",
+            json!(9),
+            json!({"sub_no": 9, "state": "live"}),
+        )],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.subscriptions SET valid_to = '2024-02-29' WHERE sub_no = 9",
+        )
+        .await,
+        &[(
+            "clients.subscriptions.renew",
+            json!(9),
+            json!({"sub_no": 9, "valid_to": "2024-02-29"}),
+        )],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.subscriptions SET state = 'paused' WHERE sub_no = 9",
+        )
+        .await,
+        &[(
+            "clients.subscriptions.deactivate",
+            json!(9),
+            json!({"sub_no": 9, "state": "paused"}),
+        )],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE billing.subscriptions SET state = 'ended' WHERE sub_no = 9",
+        )
+        .await,
+        &[("clients.subscriptions.close", json!(9), json!({}))],
+    );
+    assert_events(
+        &change(c, "DELETE FROM billing.subscriptions WHERE sub_no = 9").await,
+        &[("clients.subscriptions.close", json!(9), json!({}))],
+    );
+
+    // archive by the custom archived value, with a title change: archive only
+    assert_events(
+        &change(c, "UPDATE billing.customers SET state = 'closed', title = 'Gamma' WHERE customer_no = 1001").await,
+        &[("clients.archive", json!(1001), json!({}))],
+    );
+    assert_events(
+        &change(c, "DELETE FROM billing.customers WHERE customer_no = 1001").await,
+        &[("clients.delete", json!(1001), json!({}))],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Declaration errors
+// ---------------------------------------------------------------------------------------------
+
+/// Run a statement that must fail; return the server's error message.
+async fn db_error(c: &Client, sql: &str) -> String {
+    let err = c
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("must fail: {sql}"));
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a database error: {err:?}"));
+    db.message().to_string()
+}
+
+async fn prov_trigger_count(c: &Client) -> i64 {
+    count(
+        c,
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'prov\\_%'",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn declaration_errors_name_the_event_and_the_problem() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let triggers = prov_trigger_count(c).await;
+    let declared = count(c, "SELECT count(*) FROM provisioning.capture_events").await;
+
+    // syntax error in the condition
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.rich', 'clients', 'update', 'new.balance >', 'empty')").await;
+    assert!(
+        msg.contains("clients.rich") && msg.contains("syntax error"),
+        "{msg}"
+    );
+
+    // unknown column in the condition
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.rich', 'clients', 'update', 'old.blance > 0', 'empty')").await;
+    assert!(
+        msg.contains("clients.rich") && msg.contains("blance") && msg.contains("does not exist"),
+        "{msg}"
+    );
+
+    // a condition that is not boolean
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.rich', 'clients', 'update', 'new.balance', 'empty')").await;
+    assert!(
+        msg.contains("clients.rich") && msg.contains("boolean"),
+        "{msg}"
+    );
+
+    // old.* on insert
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.vip', 'clients', 'insert', 'old.balance > 0', 'row')").await;
+    assert!(
+        msg.contains("clients.vip") && msg.to_lowercase().contains("old"),
+        "{msg}"
+    );
+
+    // unknown table: the regclass argument itself is refused, naming the table
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.rich', 'no_such_table', 'update', NULL, 'empty')").await;
+    assert!(
+        msg.contains("relation \"no_such_table\" does not exist"),
+        "{msg}"
+    );
+
+    // unknown excluded column
+    let msg = db_error(
+        c,
+        "SELECT provisioning.declare_event('clients.rich', 'clients', 'update', NULL, 'changed', ARRAY['balance', 'no_such_col'])",
+    )
+    .await;
+    assert!(
+        msg.contains("clients.rich")
+            && msg.contains("no_such_col")
+            && msg.contains("does not exist"),
+        "{msg}"
+    );
+
+    // a table with no capture attached
+    c.batch_execute("CREATE TABLE plain (id int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    let msg = db_error(
+        c,
+        "SELECT provisioning.declare_event('plain.changed', 'plain', 'update', NULL, 'changed')",
+    )
+    .await;
+    assert!(
+        msg.contains("plain.changed") && msg.contains("no capture attached"),
+        "{msg}"
+    );
+
+    // unknown operation / data shape / json column / bad event name
+    let msg = db_error(
+        c,
+        "SELECT provisioning.declare_event('clients.rich', 'clients', 'upsert', NULL, 'empty')",
+    )
+    .await;
+    assert!(
+        msg.contains("clients.rich") && msg.contains("operation"),
+        "{msg}"
+    );
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.rich', 'clients', 'update', NULL, 'everything')").await;
+    assert!(
+        msg.contains("clients.rich") && msg.contains("data shape"),
+        "{msg}"
+    );
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.rich', 'clients', 'update', NULL, 'json_keys', p_json_column => 'name')").await;
+    assert!(
+        msg.contains("clients.rich") && msg.contains("json"),
+        "{msg}"
+    );
+    let msg = db_error(
+        c,
+        "SELECT provisioning.declare_event('Rich Clients', 'clients', 'update', NULL, 'empty')",
+    )
+    .await;
+    assert!(msg.contains("Rich Clients"), "{msg}");
+
+    // attach with an unknown key column
+    let msg = db_error(c, "SELECT provisioning.attach('plain', 'plain', 'no_key')").await;
+    assert!(
+        msg.contains("no_key") && msg.contains("does not exist"),
+        "{msg}"
+    );
+
+    // nothing was left behind by the failures
+    assert_eq!(prov_trigger_count(c).await, triggers);
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.capture_events").await,
+        declared
+    );
+
+    // a failed redeclaration keeps the previous declaration working
+    let msg = db_error(c, "SELECT provisioning.declare_event('clients.balance_zero', 'clients', 'update', 'old.blance > 0', 'empty')").await;
+    assert!(
+        msg.contains("clients.balance_zero") && msg.contains("blance"),
+        "{msg}"
+    );
+    assert_eq!(prov_trigger_count(c).await, triggers);
+    client_with_balance(c, 1, "5").await;
+    assert_events(
+        &change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await,
+        &[("clients.balance_zero", json!(1), json!({}))],
+    );
+
+    // and a correct declaration works: a custom event on a plain table
+    c.batch_execute(
+        "SELECT provisioning.attach('plain', 'plain', 'id');
+         SELECT provisioning.declare_event('plain.big', 'plain', 'update', 'new.v > 100 AND old.v <= 100', 'changed');",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO plain VALUES (1, 1)")
+        .await
+        .unwrap();
+    assert_events(
+        &change(c, "UPDATE plain SET v = 50 WHERE id = 1").await,
+        &[],
+    );
+    let evs = change(c, "UPDATE plain SET v = 101 WHERE id = 1").await;
+    assert_events(&evs, &[("plain.big", json!(1), json!({"id": 1, "v": 101}))]);
+    assert_eq!(evs[0].entity, "plain");
+}
+
+#[tokio::test]
+async fn declarations_name_tables_the_same_way_whatever_the_search_path() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    // captures, capture_events and events all use the schema-qualified name
+    let rels: Vec<String> = c
+        .query("SELECT relation FROM provisioning.captures ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rels,
+        [
+            "public.accounts",
+            "public.client_packages",
+            "public.clients"
+        ]
+    );
+    let evs = change(c, "INSERT INTO clients (id, name) VALUES (1, 'one')").await;
+    assert_eq!(evs[0].relation, "public.clients");
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.captures WHERE relation = (SELECT relation FROM provisioning.events LIMIT 1)").await,
+        1
+    );
+
+    // a session without public on its search_path manages the same declarations
+    let triggers = prov_trigger_count(c).await;
+    c.batch_execute(
+        "SET search_path = pg_catalog;
+         SELECT provisioning.refresh('public.clients');
+         SELECT provisioning.declare_event('clients.big_credit', 'public.clients', 'update', 'new.credit > 1000', 'empty');",
+    )
+    .await
+    .expect("declarations work with another search_path");
+    assert_eq!(prov_trigger_count(c).await, triggers + 1);
+    let evs = change(
+        c,
+        "UPDATE public.clients SET credit = 5000, name = 'rich' WHERE id = 1",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update", "clients.big_credit"]);
+    c.batch_execute("SELECT provisioning.detach('public.accounts'); RESET search_path;")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM provisioning.capture_events WHERE relation = 'public.accounts'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'accounts'::regclass AND tgname LIKE 'prov\\_%'").await, 0);
+    assert_events(
+        &change(
+            c,
+            "INSERT INTO accounts (id, client_id, login) VALUES (1, 1, 'x')",
+        )
+        .await,
+        &[],
+    );
+}
+
+#[tokio::test]
+async fn declarations_on_unusual_tables() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(
+        r#"CREATE TABLE "Odd Table" ("Key" int PRIMARY KEY, doc json, note text, big_column_name_here int);
+           SELECT provisioning.attach('"Odd Table"', 'odd', 'Key');"#,
+    )
+    .await
+    .unwrap();
+
+    // a json column (no equality operator) in a "changed" event
+    c.batch_execute(r#"SELECT provisioning.declare_event('odd.update', '"Odd Table"', 'update', NULL, 'changed')"#)
+        .await
+        .expect("a table with a json column can have a changed event");
+    c.batch_execute(r#"INSERT INTO "Odd Table" VALUES (1, '{"a": 1}', 'n', 0)"#)
+        .await
+        .unwrap();
+    let evs = change(
+        c,
+        r#"UPDATE "Odd Table" SET doc = '{"a": 2}' WHERE "Key" = 1"#,
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[("odd.update", json!(1), json!({"Key": 1, "doc": {"a": 2}}))],
+    );
+    assert_eq!(evs[0].relation, "public.\"Odd Table\"");
+    // same document, other spelling: no change
+    assert_events(
+        &change(
+            c,
+            r#"UPDATE "Odd Table" SET doc = '{ "a" : 2 }' WHERE "Key" = 1"#,
+        )
+        .await,
+        &[],
+    );
+
+    // long event names declared for two operations get distinct trigger names
+    let long = "odd.a_very_long_event_name_that_does_not_fit_in_a_trigger_name";
+    c.batch_execute(&format!(
+        r#"SELECT provisioning.declare_event('{long}', '"Odd Table"', 'update', 'new.note IS DISTINCT FROM old.note', 'empty', p_position => 50);
+           SELECT provisioning.declare_event('{long}', '"Odd Table"', 'delete', NULL, 'empty', p_position => 50);
+           SELECT provisioning.declare_event('{long}', '"Odd Table"', 'update', 'new.note IS DISTINCT FROM old.note', 'empty', p_position => 50);"#
+    ))
+    .await
+    .expect("long event names for two operations");
+    let evs = change(c, r#"UPDATE "Odd Table" SET note = 'm' WHERE "Key" = 1"#).await;
+    assert_eq!(names(&evs), ["odd.update", long]);
+    let evs = change(c, r#"DELETE FROM "Odd Table" WHERE "Key" = 1"#).await;
+    assert_events(&evs, &[(long, json!(1), json!({}))]);
+    assert_eq!(evs[0].operation, "delete");
+
+    // a new column is watched after refresh()
+    c.batch_execute(
+        r#"INSERT INTO "Odd Table" VALUES (2, '{}', 'n', 0);
+           ALTER TABLE "Odd Table" ADD COLUMN added text;
+           SELECT provisioning.refresh('"Odd Table"');"#,
+    )
+    .await
+    .unwrap();
+    let evs = change(c, r#"UPDATE "Odd Table" SET added = 'x' WHERE "Key" = 2"#).await;
+    assert_events(
+        &evs,
+        &[("odd.update", json!(2), json!({"Key": 2, "added": "x"}))],
+    );
+
+    // re-attaching with another entity and key column regenerates the triggers
+    c.batch_execute(r#"SELECT provisioning.attach('"Odd Table"', 'odd_by_note', 'note')"#)
+        .await
+        .unwrap();
+    let evs = change(
+        c,
+        r#"UPDATE "Odd Table" SET big_column_name_here = 1 WHERE "Key" = 2"#,
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "odd.update",
+            json!("n"),
+            json!({"note": "n", "big_column_name_here": 1}),
+        )],
+    );
+    assert_eq!(evs[0].entity, "odd_by_note");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handler definitions (SPEC §4) and fan-out into deliveries
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bad_handler_rows_are_refused_naming_the_field() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    // (column overrides, field named in the error)
+    let cases: &[(&str, &str, &str)] = &[
+        ("events", "'{clients.nosuch}'", "events"),
+        ("events", "'{nosuch.*}'", "events"),
+        ("events", "'{}'", "events"),
+        ("target", "'http//broken'", "target"),
+        ("target", "'http://'", "target"),
+        ("target", "'not a url'", "target"),
+        ("target", "'ftp://example.com/hook'", "target"),
+        ("kind, target", "'script', 'bin/handler.sh'", "target"),
+        ("kind, target", "'script', './handler.sh'", "target"),
+        ("timeout_ms", "0", "timeout_ms"),
+        ("timeout_ms", "-5", "timeout_ms"),
+        ("status", "'on'", "status"),
+        ("stage", "'during'", "stage"),
+        ("format", "'xml'", "format"),
+        ("kind", "'smtp'", "kind"),
+        ("headers", r#"'{"X-Num": 1}'"#, "headers"),
+        ("headers", r#"'{"bad header": "x"}'"#, "headers"),
+        ("headers", r#"'["X-A"]'"#, "headers"),
+        ("name", "'has space'", "name"),
+    ];
+    for (cols, vals, field) in cases {
+        let (base_cols, base_vals) = base_handler(cols);
+        let sql = format!(
+            "INSERT INTO provisioning.handlers ({base_cols}{cols}) VALUES ({base_vals}{vals})"
+        );
+        let msg = db_error(c, &sql).await;
+        assert!(
+            msg.contains(&format!("field \"{field}\"")),
+            "{sql}\n  -> {msg}"
+        );
+    }
+    // updating a good handler into a bad one is refused the same way
+    c.batch_execute("INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('ok', '{clients.update}', 'http', 'https://example.com/x')")
+        .await
+        .unwrap();
+    let msg = db_error(
+        c,
+        "UPDATE provisioning.handlers SET target = 'ftp://x' WHERE name = 'ok'",
+    )
+    .await;
+    assert!(msg.contains("field \"target\""), "{msg}");
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.handlers").await,
+        1
+    );
+
+    // good definitions are accepted
+    c.batch_execute(
+        r#"INSERT INTO provisioning.handlers (name, events, kind, target, headers, timeout_ms, secret)
+               VALUES ('softswitch', '{clients.balance_zero,clients.balance_notzero}', 'http',
+                       'http://127.0.0.1:8080/api?x=1', '{"Authorization": "Bearer t"}', 5000, 'whsec_c2VjcmV0c2VjcmV0');
+           INSERT INTO provisioning.handlers (name, events, kind, target, args, stage)
+               VALUES ('crm-script', '{clients.create}', 'script', '/usr/local/bin/crm-sync', '{--verbose}', 'before');
+           INSERT INTO provisioning.handlers (name, events, kind, target, format, status)
+               VALUES ('everything-clients', '{clients.*}', 'http', 'https://crm.example.com:8443/hooks', 'full', 'paused');
+           INSERT INTO provisioning.handlers (name, events, kind, target)
+               VALUES ('all', '{*}', 'http', 'https://example.com/all');"#,
+    )
+    .await
+    .expect("valid handlers are accepted");
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.handlers").await,
+        5
+    );
+}
+
+/// Columns and values of a valid handler, minus the columns given (which the caller supplies).
+fn base_handler(overridden: &str) -> (String, String) {
+    let all = [
+        ("name", "'h1'"),
+        ("events", "'{clients.update}'"),
+        ("kind", "'http'"),
+        ("target", "'http://example.com/hook'"),
+    ];
+    let over: Vec<&str> = overridden.split(',').map(str::trim).collect();
+    let mut cols = String::new();
+    let mut vals = String::new();
+    for (col, val) in all {
+        if !over.contains(&col) {
+            cols.push_str(col);
+            cols.push_str(", ");
+            vals.push_str(val);
+            vals.push_str(", ");
+        }
+    }
+    (cols, vals)
+}
+
+#[tokio::test]
+async fn events_reach_only_subscribed_live_handlers() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute(
+        "INSERT INTO provisioning.handlers (name, events, kind, target, status, priority) VALUES
+             ('enabled',  '{clients.*}',      'http', 'http://127.0.0.1:9/a', 'enabled', 10),
+             ('disabled', '{clients.*}',      'http', 'http://127.0.0.1:9/b', 'disabled', 10),
+             ('paused',   '{clients.update}', 'http', 'http://127.0.0.1:9/c', 'paused', 20),
+             ('archived', '{clients.*}',      'http', 'http://127.0.0.1:9/d', 'archived', 10),
+             ('other',    '{clients.delete,clients.accounts.*}', 'http', 'http://127.0.0.1:9/e', 'enabled', 10);",
+    )
+    .await
+    .unwrap();
+    // the insert above happened before any handler existed: no deliveries for it
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.deliveries").await,
+        0
+    );
+
+    let evs = change(c, "UPDATE clients SET name = 'renamed' WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    let ev = evs[0].id;
+    let rows = c
+        .query(
+            "SELECT h.name, d.status, d.stage, d.priority, d.entity, d.object_key, d.attempts
+               FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
+              WHERE d.event_id = $1 ORDER BY h.name",
+            &[&ev],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, String, i32, String, String, i32)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[0],
+        (
+            "enabled".into(),
+            "pending".into(),
+            "after".into(),
+            10,
+            "clients".into(),
+            "1".into(),
+            0
+        )
+    );
+    assert_eq!(got[1].0, "paused");
+    assert!(got[1].1 == "pending" || got[1].1 == "waiting", "{got:?}");
+    assert_eq!(
+        (got[1].3, got[1].4.as_str(), got[1].5.as_str()),
+        (20, "clients", "1")
+    );
+
+    // a handler created after the event gets nothing for it, but does get later events
+    c.batch_execute("INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('late', '{clients.*}', 'http', 'http://127.0.0.1:9/f')")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
+                  WHERE h.name = 'late' AND d.event_id <= {ev}"
+            )
+        )
+        .await,
+        0
+    );
+    let evs = change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.balance_zero"]);
+    let who: Vec<String> = c
+        .query(
+            "SELECT h.name FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
+              WHERE d.event_id = $1 ORDER BY h.name",
+            &[&evs[0].id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(who, ["enabled", "late"]);
+
+    // suppressed changes create neither events nor deliveries
+    let deliveries = count(c, "SELECT count(*) FROM provisioning.deliveries").await;
+    assert_events(
+        &change(c, "BEGIN; SET LOCAL provisioning.suppress = 'on'; UPDATE clients SET name = 'quiet' WHERE id = 1; COMMIT;").await,
+        &[],
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.deliveries").await,
+        deliveries
+    );
+
+    // a rolled-back change leaves no deliveries either
+    c.batch_execute("BEGIN; UPDATE clients SET name = 'gone' WHERE id = 1; ROLLBACK;")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.deliveries").await,
+        deliveries
+    );
+}

@@ -212,3 +212,147 @@ pub async fn count(client: &Client, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .get(0)
 }
+
+// ------------------------------------------------------------------------------------------------
+// Operations tests (cli.rs, admin_api.rs, browser.rs): an in-process admin server and a realistic
+// delivery history produced by a real relay.
+// ------------------------------------------------------------------------------------------------
+
+/// The admin HTTP server (`relay::admin::serve`) on 127.0.0.1:0 in this process; stopped on drop.
+pub struct AdminServer {
+    /// `http://127.0.0.1:<port>`
+    pub url: String,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl AdminServer {
+    /// Serve `db` with this token (empty: state-changing calls are refused) and read policy.
+    pub async fn start(db: &TestDb, token: &str, open_reads: bool) -> AdminServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the admin server");
+        let url = format!("http://{}", listener.local_addr().expect("admin address"));
+        let state = relay::admin::AdminState {
+            pool: relay::db::make_pool(&db.url, 4, "test").expect("admin pool"),
+            token: token.into(),
+            open_reads,
+            metrics: relay::metrics::install(),
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            relay::admin::serve(listener, state, stop)
+                .await
+                .expect("admin server");
+        });
+        AdminServer { url, shutdown }
+    }
+
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What [`deliver_scenario`] produced: two handlers on a VCS database after a real relay ran.
+///
+/// - `crm` (`clients.*`) → `ok` receiver (200): 4 successful attempts, no deliveries left.
+/// - `billing` (`clients.create`, `clients.accounts.*`, no retries) → `fail` receiver (500
+///   "billing exploded"): 3 failed attempts, 3 dead deliveries.
+///
+/// Changes made: client 1 "Customer A" and client 2 "Customer B" created, client 1 renamed
+/// "Customer A2", account 10 (login "acc10") created for client 2.
+pub struct Scenario {
+    pub ok: crate::receiver::Receiver,
+    pub fail: crate::receiver::Receiver,
+    pub crm_id: i64,
+    pub billing_id: i64,
+}
+
+impl Scenario {
+    /// Event ids in capture order: create 1, create 2, update 1, accounts.create 10.
+    pub async fn event_ids(&self, db: &TestDb) -> Vec<i64> {
+        db.client
+            .query("SELECT id FROM provisioning.events ORDER BY id", &[])
+            .await
+            .expect("event ids")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Ids of billing's dead deliveries, in event order.
+    pub async fn dead_ids(&self, db: &TestDb) -> Vec<i64> {
+        db.client
+            .query(
+                "SELECT id FROM provisioning.deliveries WHERE handler_id = $1 AND status = 'dead' ORDER BY event_id",
+                &[&self.billing_id],
+            )
+            .await
+            .expect("dead deliveries")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+/// Build the history described on [`Scenario`] with a relay running in-process, and stop it.
+pub async fn deliver_scenario(db: &TestDb) -> Scenario {
+    let ok = crate::receiver::Receiver::start().await;
+    let fail = crate::receiver::Receiver::start().await;
+    fail.set_default(crate::receiver::Answer::Body(
+        500,
+        "billing exploded".into(),
+    ));
+    let crm_id = add_handler(
+        &db.client,
+        "crm",
+        &["clients.*"],
+        "http",
+        &ok.url("/crm"),
+        "",
+    )
+    .await;
+    let billing_id = add_handler(
+        &db.client,
+        "billing",
+        &["clients.create", "clients.accounts.*"],
+        "http",
+        &fail.url("/billing"),
+        "retry_schedule_ms = '{}', priority = 50",
+    )
+    .await;
+    let relay = RunningRelay::start(db, &[]).await;
+    for sql in [
+        "INSERT INTO clients (id, name) VALUES (1, 'Customer A')",
+        "INSERT INTO clients (id, name) VALUES (2, 'Customer B')",
+        "UPDATE clients SET name = 'Customer A2' WHERE id = 1",
+        "INSERT INTO accounts (id, client_id, login) VALUES (10, 2, 'acc10')",
+    ] {
+        db.client.execute(sql, &[]).await.expect(sql);
+    }
+    eventually(
+        Duration::from_secs(60),
+        "4 crm successes and 3 dead billing deliveries",
+        || async {
+            let ok = count(&db.client, "SELECT count(*) FROM provisioning.attempts WHERE handler_name = 'crm' AND outcome = 'success'").await;
+            let failed = count(&db.client, "SELECT count(*) FROM provisioning.attempts WHERE handler_name = 'billing' AND outcome = 'fail'").await;
+            let dead = count(&db.client, "SELECT count(*) FROM provisioning.deliveries WHERE status = 'dead'").await;
+            let left = count(&db.client, "SELECT count(*) FROM provisioning.deliveries WHERE status <> 'dead'").await;
+            (ok == 4 && failed == 3 && dead == 3 && left == 0).then_some(())
+        },
+    )
+    .await;
+    relay.stop().await;
+    Scenario {
+        ok,
+        fail,
+        crm_id,
+        billing_id,
+    }
+}

@@ -12,12 +12,28 @@ async fn delivers_jerasoft_envelope_byte_exact_with_headers_and_signature() {
     let db = TestDb::vcs().await;
     let rx = Receiver::start().await;
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let hid = add_handler(&db.client, "crm", &["clients.*"], "http", &rx.url("/api"),
-        &format!("secret = '{secret}', headers = '{{\"X-Api-Key\": \"k1\"}}'")).await;
+    let hid = add_handler(
+        &db.client,
+        "crm",
+        &["clients.*"],
+        "http",
+        &rx.url("/api"),
+        &format!("secret = '{secret}', headers = '{{\"X-Api-Key\": \"k1\"}}'"),
+    )
+    .await;
     let relay = RunningRelay::start(&db, &[]).await;
 
-    db.client.execute("INSERT INTO clients (id, name, balance) VALUES (12, 'Customer A', 5)", &[]).await.unwrap();
-    db.client.execute("UPDATE clients SET name = 'Customer B' WHERE id = 12", &[]).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name, balance) VALUES (12, 'Customer A', 5)",
+            &[],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'Customer B' WHERE id = 12", &[])
+        .await
+        .unwrap();
     let got = rx.wait_for("/api", 2, WAIT).await;
 
     let row = db.client.query_one(
@@ -26,17 +42,29 @@ async fn delivers_jerasoft_envelope_byte_exact_with_headers_and_signature() {
     let update = &got[1];
     assert_eq!(
         update.body,
-        format!(r#"{{"event":{{"dt":"{dt}+00:00","events_id":"clients.update","object_id":12}},"data":{{"id":12,"name":"Customer B"}}}}"#)
+        format!(
+            r#"{{"event":{{"dt":"{dt}+00:00","events_id":"clients.update","object_id":12}},"data":{{"id":12,"name":"Customer B"}}}}"#
+        )
     );
     assert_eq!(update.header("content-type"), Some("application/json"));
-    assert!(update.header("user-agent").unwrap().starts_with("provisioning-relay/"));
-    assert_eq!(update.header("webhook-id"), Some(format!("evt_{event_id}_h{hid}").as_str()));
-    assert_eq!(update.header("x-provisioning-event"), Some("clients.update"));
+    assert!(update
+        .header("user-agent")
+        .unwrap()
+        .starts_with("provisioning-relay/"));
+    assert_eq!(
+        update.header("webhook-id"),
+        Some(format!("evt_{event_id}_h{hid}").as_str())
+    );
+    assert_eq!(
+        update.header("x-provisioning-event"),
+        Some("clients.update")
+    );
     assert_eq!(update.header("x-provisioning-attempt"), Some("1"));
     assert_eq!(update.header("x-api-key"), Some("k1"));
     let wh = standardwebhooks::Webhook::new(secret).unwrap();
     let mut headers = http_headers(update);
-    wh.verify(update.body.as_bytes(), &headers).expect("signature verifies with the standardwebhooks crate");
+    wh.verify(update.body.as_bytes(), &headers)
+        .expect("signature verifies with the standardwebhooks crate");
     // A tampered body must not verify (the check above can fail).
     headers.insert("webhook-id", "evt_other".parse().unwrap());
     assert!(wh.verify(update.body.as_bytes(), &headers).is_err());
@@ -49,9 +77,20 @@ async fn delivers_jerasoft_envelope_byte_exact_with_headers_and_signature() {
     eventually(WAIT, "attempt log", || async {
         (count(&db.client, "SELECT count(*) FROM provisioning.attempts WHERE outcome = 'success' AND http_status = 200 AND response = 'ok'").await == 2).then_some(())
     }).await;
-    let logged: String = db.client.query_one("SELECT request_body FROM provisioning.attempts WHERE event_id = $1", &[&event_id]).await.unwrap().get(0);
+    let logged: String = db
+        .client
+        .query_one(
+            "SELECT request_body FROM provisioning.attempts WHERE event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(logged, update.body);
-    assert_eq!(count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await, 0);
+    assert_eq!(
+        count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await,
+        0
+    );
     relay.stop().await;
 }
 
@@ -63,15 +102,32 @@ fn http_headers(r: &crate::receiver::Received) -> axum::http::HeaderMap {
 async fn full_format_adds_event_id_entity_and_row_images() {
     let db = TestDb::vcs().await;
     let rx = Receiver::start().await;
-    add_handler(&db.client, "full", &["clients.update"], "http", &rx.url("/full"), "format = 'full'").await;
-    db.client.execute("INSERT INTO clients (id, name) VALUES (3, 'A')", &[]).await.unwrap();
+    add_handler(
+        &db.client,
+        "full",
+        &["clients.update"],
+        "http",
+        &rx.url("/full"),
+        "format = 'full'",
+    )
+    .await;
+    db.client
+        .execute("INSERT INTO clients (id, name) VALUES (3, 'A')", &[])
+        .await
+        .unwrap();
     let relay = RunningRelay::start(&db, &[]).await;
-    db.client.execute("UPDATE clients SET name = 'B' WHERE id = 3", &[]).await.unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'B' WHERE id = 3", &[])
+        .await
+        .unwrap();
     let got = rx.wait_for("/full", 1, WAIT).await;
     let row = db.client.query_one(
         "SELECT id, to_char(changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), old_row::text, new_row::text FROM provisioning.events WHERE name = 'clients.update'", &[]).await.unwrap();
-    let (id, dt, old, new): (i64, String, String, String) = (row.get(0), row.get(1), row.get(2), row.get(3));
-    let compact = |s: &str| serde_json::to_string(&serde_json::from_str::<serde_json::Value>(s).unwrap()).unwrap();
+    let (id, dt, old, new): (i64, String, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let compact = |s: &str| {
+        serde_json::to_string(&serde_json::from_str::<serde_json::Value>(s).unwrap()).unwrap()
+    };
     assert_eq!(
         got[0].body,
         format!(
@@ -88,24 +144,61 @@ async fn retries_500_then_succeeds_on_schedule() {
     let db = TestDb::vcs().await;
     let rx = Receiver::start().await;
     rx.script([Answer::Status(500), Answer::Status(500)]);
-    add_handler(&db.client, "flaky", &["clients.create"], "http", &rx.url("/f"), "retry_schedule_ms = '{300,600}'").await;
+    add_handler(
+        &db.client,
+        "flaky",
+        &["clients.create"],
+        "http",
+        &rx.url("/f"),
+        "retry_schedule_ms = '{300,600}'",
+    )
+    .await;
     let relay = RunningRelay::start(&db, &[]).await;
-    db.client.execute("INSERT INTO clients (name) VALUES ('x')", &[]).await.unwrap();
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
     let got = rx.wait_for("/f", 3, WAIT).await;
     let gap1 = got[1].at - got[0].at;
     let gap2 = got[2].at - got[1].at;
     // 300 ms ±10 %, 600 ms ±10 % (plus scheduling slack, never less).
-    assert!(gap1 >= Duration::from_millis(270), "first retry after {gap1:?}");
-    assert!(gap2 >= Duration::from_millis(540), "second retry after {gap2:?}");
+    assert!(
+        gap1 >= Duration::from_millis(270),
+        "first retry after {gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(540),
+        "second retry after {gap2:?}"
+    );
     assert_eq!(got[0].header("webhook-id"), got[2].header("webhook-id"));
-    assert_eq!(got[0].body, got[2].body, "the body is identical on every attempt");
+    assert_eq!(
+        got[0].body, got[2].body,
+        "the body is identical on every attempt"
+    );
     assert_eq!(got[2].header("x-provisioning-attempt"), Some("3"));
     eventually(WAIT, "log of 3 attempts", || async {
-        let rows = db.client.query("SELECT outcome, http_status, attempt FROM provisioning.attempts ORDER BY id", &[]).await.unwrap();
-        let v: Vec<(String, Option<i32>, i32)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let rows = db
+            .client
+            .query(
+                "SELECT outcome, http_status, attempt FROM provisioning.attempts ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap();
+        let v: Vec<(String, Option<i32>, i32)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         (v.len() == 3).then_some(v)
-    }).await.iter().zip([("fail", 500, 1), ("fail", 500, 2), ("success", 200, 3)]).for_each(|(got, want)| {
-        assert_eq!((got.0.as_str(), got.1, got.2), (want.0, Some(want.1), want.2));
+    })
+    .await
+    .iter()
+    .zip([("fail", 500, 1), ("fail", 500, 2), ("success", 200, 3)])
+    .for_each(|(got, want)| {
+        assert_eq!(
+            (got.0.as_str(), got.1, got.2),
+            (want.0, Some(want.1), want.2)
+        );
     });
     relay.stop().await;
 }

@@ -22,12 +22,19 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn wait_listening(port: u16) {
     eventually(WAIT, &format!("a server on port {port}"), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
 }
@@ -60,10 +67,24 @@ async fn flask_echo_handler_works_after_and_before() {
     let db = TestDb::vcs().await;
     let url = format!("http://127.0.0.1:{port}/api");
     add_handler(&db.client, "flask-after", &["clients.*"], "http", &url, "").await;
-    add_handler(&db.client, "flask-before", &["clients.update"], "http", &url, "stage = 'before'").await;
-    db.client.execute("INSERT INTO clients (id, name) VALUES (1, 'A')", &[]).await.unwrap();
+    add_handler(
+        &db.client,
+        "flask-before",
+        &["clients.update"],
+        "http",
+        &url,
+        "stage = 'before'",
+    )
+    .await;
+    db.client
+        .execute("INSERT INTO clients (id, name) VALUES (1, 'A')", &[])
+        .await
+        .unwrap();
     let relay = RunningRelay::start(&db, &[]).await;
-    db.client.execute("UPDATE clients SET name = 'B' WHERE id = 1", &[]).await.unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'B' WHERE id = 1", &[])
+        .await
+        .unwrap();
     eventually(WAIT, "two after-stage deliveries", || async {
         (attempts(&db, "flask-after", "success").await == 2).then_some(())
     })
@@ -71,7 +92,10 @@ async fn flask_echo_handler_works_after_and_before() {
     // The echo as a before-stage handler means "allow": nothing written back.
     let decision: Option<String> = db
         .client
-        .query_one("SELECT decision FROM provisioning.events WHERE name = 'clients.update'", &[])
+        .query_one(
+            "SELECT decision FROM provisioning.events WHERE name = 'clients.update'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -107,7 +131,15 @@ async fn node_handler_verifies_signatures() {
     wait_listening(port).await;
     let db = TestDb::vcs().await;
     let url = format!("http://127.0.0.1:{port}/hooks");
-    add_handler(&db.client, "signed", &["clients.create"], "http", &url, &format!("secret = '{secret}'")).await;
+    add_handler(
+        &db.client,
+        "signed",
+        &["clients.create"],
+        "http",
+        &url,
+        &format!("secret = '{secret}'"),
+    )
+    .await;
     add_handler(
         &db.client,
         "wrong-secret",
@@ -117,9 +149,20 @@ async fn node_handler_verifies_signatures() {
         "secret = 'whsec_d3Jvbmcgc2VjcmV0IGtleQ==', retry_schedule_ms = '{}'",
     )
     .await;
-    add_handler(&db.client, "unsigned", &["clients.create"], "http", &url, "retry_schedule_ms = '{}'").await;
+    add_handler(
+        &db.client,
+        "unsigned",
+        &["clients.create"],
+        "http",
+        &url,
+        "retry_schedule_ms = '{}'",
+    )
+    .await;
     let relay = RunningRelay::start(&db, &[]).await;
-    db.client.execute("INSERT INTO clients (name) VALUES ('A')", &[]).await.unwrap();
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('A')", &[])
+        .await
+        .unwrap();
     eventually(WAIT, "all three handlers attempted", || async {
         (attempts(&db, "signed", "success").await == 1
             && attempts(&db, "wrong-secret", "fail").await == 1
@@ -129,7 +172,10 @@ async fn node_handler_verifies_signatures() {
     .await;
     let status: Option<i32> = db
         .client
-        .query_one("SELECT http_status FROM provisioning.attempts WHERE handler_name = 'wrong-secret'", &[])
+        .query_one(
+            "SELECT http_status FROM provisioning.attempts WHERE handler_name = 'wrong-secret'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -144,7 +190,15 @@ async fn shell_and_before_stage_script_examples() {
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("provisioning.log");
     let log_str = log.to_str().unwrap().to_string();
-    let id = add_handler(&db.client, "audit-log", &["clients.*"], "script", &example("scripts/log_event.sh"), "").await;
+    let id = add_handler(
+        &db.client,
+        "audit-log",
+        &["clients.*"],
+        "script",
+        &example("scripts/log_event.sh"),
+        "",
+    )
+    .await;
     db.client
         .execute(
             "UPDATE provisioning.handlers SET args = ARRAY[$2] WHERE id = $1",
@@ -162,9 +216,21 @@ async fn shell_and_before_stage_script_examples() {
     )
     .await;
     let relay = RunningRelay::start(&db, &[]).await;
-    db.client.execute("INSERT INTO clients (id, name) VALUES (1, 'Customer A'), (2, 'Test client')", &[]).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) VALUES (1, 'Customer A'), (2, 'Test client')",
+            &[],
+        )
+        .await
+        .unwrap();
     eventually(WAIT, "both decided", || async {
-        (count(&db.client, "SELECT count(*) FROM provisioning.events WHERE decision IS NOT NULL").await == 2).then_some(())
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.events WHERE decision IS NOT NULL",
+        )
+        .await
+            == 2)
+            .then_some(())
     })
     .await;
     let names: Vec<String> = db
@@ -175,7 +241,11 @@ async fn shell_and_before_stage_script_examples() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(names, vec!["Customer Atestprefix".to_string()], "modified one, forbade the test client");
+    assert_eq!(
+        names,
+        vec!["Customer Atestprefix".to_string()],
+        "modified one, forbade the test client"
+    );
     let text = eventually(WAIT, "the shell handler's log line", || {
         let log = log.clone();
         async move {
@@ -186,8 +256,14 @@ async fn shell_and_before_stage_script_examples() {
     })
     .await;
     assert!(text.contains("attempt=1 id=evt_"), "{text}");
-    assert!(text.contains("Customer Atestprefix"), "the after-stage sees the modified data: {text}");
-    assert!(!text.contains("Test client"), "a forbidden change reaches no after-stage handler: {text}");
+    assert!(
+        text.contains("Customer Atestprefix"),
+        "the after-stage sees the modified data: {text}"
+    );
+    assert!(
+        !text.contains("Test client"),
+        "a forbidden change reaches no after-stage handler: {text}"
+    );
     relay.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

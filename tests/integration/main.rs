@@ -6,5 +6,12 @@ mod common;
 mod capture;
 mod receiver;
 
-mod delivery;
+mod admin_api;
 mod before;
+mod browser;
+mod cli;
+mod delivery;
+mod demo;
+mod examples;
+mod guarantees;
+mod scripts;

@@ -23,6 +23,14 @@ pub enum Answer {
     /// Echo the request body back (the JeraSoft Flask example).
     Echo,
     Body(u16, String),
+    /// Answer with this status after a delay (a slow receiver).
+    Delay(Duration, u16),
+    /// Fail with `status` for about `percent` % of requests, pseudo-randomly (deterministic
+    /// sequence from the receiver's seed, see [`Receiver::seed`]); 200 otherwise.
+    Flaky {
+        percent: u32,
+        status: u16,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -31,6 +39,9 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: String,
     pub at: Instant,
+    /// The status the receiver chose to answer with (0 for [`Answer::Hang`]). The client may
+    /// have gone away before the answer was written.
+    pub status: u16,
 }
 
 impl Received {
@@ -47,6 +58,8 @@ struct Inner {
     received: Vec<Received>,
     script: VecDeque<Answer>,
     default: Option<Answer>,
+    /// xorshift64 state for [`Answer::Flaky`].
+    rng: u64,
 }
 
 #[derive(Clone)]
@@ -76,6 +89,11 @@ impl Receiver {
         self.inner.lock().unwrap().script.extend(answers);
     }
 
+    /// Seed the pseudo-random sequence used by [`Answer::Flaky`].
+    pub fn seed(&self, seed: u64) {
+        self.inner.lock().unwrap().rng = seed.max(1);
+    }
+
     pub fn set_default(&self, answer: Answer) {
         self.inner.lock().unwrap().default = Some(answer);
     }
@@ -85,7 +103,10 @@ impl Receiver {
     }
 
     pub fn received_on(&self, path: &str) -> Vec<Received> {
-        self.received().into_iter().filter(|r| r.path == path).collect()
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
     }
 
     /// Wait until at least `n` requests arrived on `path`.
@@ -98,17 +119,50 @@ impl Receiver {
     }
 }
 
-async fn handle(State(inner): State<Arc<Mutex<Inner>>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let answer = {
         let mut i = inner.lock().unwrap();
+        let default = i.default.clone().unwrap_or(Answer::Status(200));
+        let mut answer = i.script.pop_front().unwrap_or(default);
+        if let Answer::Flaky { percent, status } = answer {
+            let mut x = if i.rng == 0 {
+                0x9E37_79B9_7F4A_7C15
+            } else {
+                i.rng
+            };
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            i.rng = x;
+            answer = if x % 100 < u64::from(percent) {
+                Answer::Status(status)
+            } else {
+                Answer::Status(200)
+            };
+        }
+        let status = match &answer {
+            Answer::Status(s)
+            | Answer::StatusWithHeaders(s, _)
+            | Answer::Body(s, _)
+            | Answer::Delay(_, s) => *s,
+            Answer::Hang => 0,
+            Answer::Redirect(_) => 302,
+            Answer::Echo => 200,
+            Answer::Flaky { .. } => unreachable!("resolved above"),
+        };
         i.received.push(Received {
             path: uri.path().to_string(),
             headers: headers.clone(),
             body: String::from_utf8_lossy(&body).into_owned(),
             at: Instant::now(),
+            status,
         });
-        let default = i.default.clone().unwrap_or(Answer::Status(200));
-        i.script.pop_front().unwrap_or(default)
+        answer
     };
     match answer {
         Answer::Status(s) => (StatusCode::from_u16(s).unwrap(), "ok").into_response(),
@@ -128,7 +182,14 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, uri: axum::http::Uri, he
             r.headers_mut().insert("location", to.parse().unwrap());
             r
         }
-        Answer::Echo => (StatusCode::OK, [("content-type", "application/json")], body).into_response(),
+        Answer::Echo => {
+            (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+        }
         Answer::Body(s, b) => (StatusCode::from_u16(s).unwrap(), b).into_response(),
+        Answer::Delay(d, s) => {
+            tokio::time::sleep(d).await;
+            (StatusCode::from_u16(s).unwrap(), "ok").into_response()
+        }
+        Answer::Flaky { .. } => unreachable!("resolved when the request arrived"),
     }
 }

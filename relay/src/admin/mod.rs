@@ -114,23 +114,50 @@ fn error(status: StatusCode, msg: &str) -> Response {
     (status, Json(json!({"error": msg}))).into_response()
 }
 
-struct ApiError(OpsError);
+enum ApiError {
+    Ops(OpsError),
+    /// A response with its own status (413 body too large, 503 database unavailable).
+    Status(StatusCode, String),
+}
 
 impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
-        ApiError(e)
+        ApiError::Ops(e)
     }
 }
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        ApiError(OpsError::BadRequest(format!("database unavailable: {e}")))
+        ApiError::Status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("database unavailable: {e}"),
+        )
+    }
+}
+
+/// The JSON body, or why not: 413 when it exceeds [`MAX_BODY_BYTES`], 400 otherwise (malformed
+/// JSON, unknown fields, wrong types), prefixed with `what`.
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+    what: &str,
+) -> Result<T, ApiError> {
+    match body {
+        Ok(Json(v)) => Ok(v),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what}: request body too large (at most {MAX_BODY_BYTES} bytes)"),
+        )),
+        Err(e) => Err(OpsError::BadRequest(format!("{what}: {}", e.body_text())).into()),
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match self.0 {
+        let e = match self {
+            ApiError::Status(status, m) => return error(status, &m),
+            ApiError::Ops(e) => e,
+        };
+        match e {
             OpsError::Refused(m) => error(StatusCode::UNPROCESSABLE_ENTITY, &m),
             OpsError::NotFound(m) => error(StatusCode::NOT_FOUND, &m),
             OpsError::BadRequest(m) => error(StatusCode::BAD_REQUEST, &m),
@@ -207,8 +234,7 @@ async fn add_handler(
     State(s): State<AdminState>,
     body: Result<Json<HandlerSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(spec) =
-        body.map_err(|e| OpsError::BadRequest(format!("invalid handler: {}", e.body_text())))?;
+    let spec = json_body(body, "invalid handler")?;
     let created = ops::handlers::add(&**s.pool.get().await?, &spec).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
@@ -218,8 +244,7 @@ async fn update_handler(
     Path(name): Path<String>,
     body: Result<Json<HandlerSpec>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(spec) =
-        body.map_err(|e| OpsError::BadRequest(format!("invalid handler: {}", e.body_text())))?;
+    let spec = json_body(body, "invalid handler")?;
     Ok(Json(
         ops::handlers::update(&**s.pool.get().await?, &name, &spec).await?,
     ))
@@ -277,8 +302,7 @@ async fn replay(
     State(s): State<AdminState>,
     body: Result<Json<ReplayRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(r) = body
-        .map_err(|e| OpsError::BadRequest(format!("invalid replay request: {}", e.body_text())))?;
+    let r = json_body(body, "invalid replay request")?;
     Ok(Json(
         ops::queries::replay(&**s.pool.get().await?, &r).await?,
     ))
@@ -300,8 +324,7 @@ async fn prune(
     State(s): State<AdminState>,
     body: Result<Json<PruneRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
-    let Json(r) = body
-        .map_err(|e| OpsError::BadRequest(format!("invalid prune request: {}", e.body_text())))?;
+    let r = json_body(body, "invalid prune request")?;
     let age = ops::parse_duration(&r.older_than)?;
     Ok(Json(
         ops::queries::prune(&**s.pool.get().await?, age, r.dead).await?,

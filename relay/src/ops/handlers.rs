@@ -92,7 +92,8 @@ pub async fn add(client: &impl GenericClient, spec: &HandlerSpec) -> Result<Valu
         ("target", spec.target.is_none()),
     ] {
         if missing {
-            return Err(OpsError::BadRequest(format!(
+            // A bad definition like any other (422 from the API), not a malformed request.
+            return Err(OpsError::Refused(format!(
                 "invalid handler: field \"{field}\" is required"
             )));
         }

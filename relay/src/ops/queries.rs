@@ -271,7 +271,7 @@ pub async fn retry(client: &impl GenericClient, id: i64) -> Result<Value, OpsErr
         let status: String = r.get(0);
         return match status.as_str() {
             "dead" | "pending" => {
-                client
+                let n = client
                     .execute(
                         "UPDATE provisioning.deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),
                                 last_error = 'retry requested by an operator', updated_at = now()
@@ -279,6 +279,12 @@ pub async fn retry(client: &impl GenericClient, id: i64) -> Result<Value, OpsErr
                         &[&id],
                     )
                     .await?;
+                if n == 0 {
+                    // claimed (or finished) between the read and the update: say so, not "retried"
+                    return Err(OpsError::BadRequest(format!(
+                        "delivery {id} changed while retrying it (a relay may be delivering it now); look again"
+                    )));
+                }
                 Ok(json!({"delivery_id": id, "retried": true, "was": status}))
             }
             "running" => Err(OpsError::BadRequest(format!("delivery {id} is being delivered right now; nothing to retry"))),
@@ -306,8 +312,8 @@ async fn resend(
 ) -> Result<i64, OpsError> {
     let row = client
         .query_opt(
-            "INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)
-             SELECT e.id, h.id, 'after', h.priority, e.entity, coalesce(e.object_id #>> '{}', ''), 'pending'
+            "INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status, data)
+             SELECT e.id, h.id, 'after', h.priority, e.entity, coalesce(e.object_id #>> '{}', ''), 'pending', e.decided_data
                FROM provisioning.events e, provisioning.handlers h
               WHERE e.id = $1 AND h.id = $2 AND h.stage = 'after'
              RETURNING id",
@@ -379,7 +385,7 @@ pub async fn replay(client: &impl GenericClient, r: &ReplayRequest) -> Result<Va
                 "replay re-sends events to after-stage handlers only; before-stage decisions are never replayed (retry a dead before-stage delivery instead)".into(),
             ));
         }
-        let select = "SELECT e.id, e.entity, coalesce(e.object_id #>> '{}', '') AS object_key
+        let select = "SELECT e.id, e.entity, coalesce(e.object_id #>> '{}', '') AS object_key, e.decided_data
                         FROM provisioning.events e, provisioning.handlers h
                        WHERE h.id = $1
                          AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, e.name))
@@ -388,13 +394,18 @@ pub async fn replay(client: &impl GenericClient, r: &ReplayRequest) -> Result<Va
                          AND ($5 = 'all' OR EXISTS (SELECT 1 FROM provisioning.attempts a
                                                       WHERE a.event_id = e.id AND a.handler_id = h.id AND a.outcome = $5))
                          AND NOT EXISTS (SELECT 1 FROM provisioning.deliveries d WHERE d.event_id = e.id AND d.handler_id = h.id
-                                           AND d.status IN ('waiting', 'pending', 'running', 'dead'))";
+                                           AND d.status IN ('waiting', 'pending', 'running', 'dead'))
+                         -- after-stage handlers never see an event its before-stage forbade (or could not
+                         -- decide: conflict, failed, dead), nor one whose decision is still open (SPEC 6)
+                         AND (e.decision IS NULL OR e.decision IN ('allowed', 'modified'))
+                         AND NOT EXISTS (SELECT 1 FROM provisioning.deliveries b WHERE b.event_id = e.id AND b.stage = 'before'
+                                           AND b.status IN ('waiting', 'pending', 'running', 'dead'))";
         let sql = if r.dry_run {
             format!("SELECT count(*) FROM ({select}) s")
         } else {
             format!(
-                "WITH r AS (INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)
-                            SELECT s.id, $1, 'after', (SELECT priority FROM provisioning.handlers WHERE id = $1), s.entity, s.object_key, 'pending'
+                "WITH r AS (INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status, data)
+                            SELECT s.id, $1, 'after', (SELECT priority FROM provisioning.handlers WHERE id = $1), s.entity, s.object_key, 'pending', s.decided_data
                               FROM ({select}) s ORDER BY s.id
                             RETURNING 1)
                  SELECT count(*) FROM r"

@@ -1,0 +1,1365 @@
+//! Delivery guarantees (SPEC §4, §5, §8): Retry-After, 410 Gone, redirects, timeouts, dead letters,
+//! isolation between handlers, per-object order under failures, several relays at once, crashes
+//! (`kill -9`), SIGTERM, and handler changes reaching a running relay.
+//!
+//! Every wait is a condition with a deadline; handler timeouts and schedules are short per handler
+//! so the tests run fast, while deadlines stay generous for a loaded machine.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::receiver::{Answer, Received, Receiver};
+
+const WAIT: Duration = Duration::from_secs(30);
+const LONG_WAIT: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------------------------------------------
+// Helpers shared with scripts.rs
+// ------------------------------------------------------------------------------------------------
+
+/// The real `relay` binary running against a test database; SIGKILLed on drop if still running.
+pub struct RelayProcess {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    /// `relay run` with test-friendly settings plus `sets` (`--set key=value`) and extra
+    /// environment variables. The database URL is given with `--database-url` unless `envs`
+    /// provides `DATABASE_URL`.
+    pub fn spawn(
+        db: &TestDb,
+        name: &str,
+        sets: &[(&str, &str)],
+        envs: &[(&str, &str)],
+    ) -> RelayProcess {
+        let log = std::env::temp_dir().join(format!(
+            "relay-test-{}-{name}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let log_file = std::fs::File::create(&log).expect("create relay log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+        cmd.arg("run");
+        if !envs.iter().any(|(k, _)| *k == "DATABASE_URL") {
+            cmd.args(["--database-url", &db.url]);
+        }
+        let mut all: Vec<(String, String)> = vec![
+            ("poll_interval_ms".into(), "200".into()),
+            ("admin_listen".into(), String::new()),
+            ("relay_name".into(), name.into()),
+        ];
+        all.extend(sets.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        for (k, v) in &all {
+            cmd.args(["--set", &format!("{k}={v}")]);
+        }
+        cmd.envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file);
+        let child = cmd.spawn().expect("spawn the relay binary");
+        RelayProcess {
+            child,
+            name: name.into(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    }
+
+    /// Wait (without blocking the runtime) until the process exits.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if start.elapsed() > deadline {
+                panic!(
+                    "relay {} did not exit within {deadline:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- log of relay {} ---\n{}", self.name, self.log_text());
+            }
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The event id in a `webhook-id` (`evt_{event}_h{handler}`).
+pub fn event_id_of(r: &Received) -> i64 {
+    let id = r.header("webhook-id").expect("webhook-id header");
+    id.strip_prefix("evt_")
+        .and_then(|s| s.split('_').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected webhook-id {id}"))
+}
+
+fn object_of(r: &Received) -> i64 {
+    r.json()["event"]["object_id"]
+        .as_i64()
+        .expect("numeric object_id")
+}
+
+/// Number of distinct webhook-ids answered 200 on `path`.
+fn successes(rx: &Receiver, path: &str) -> usize {
+    rx.received_on(path)
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.header("webhook-id").unwrap_or("").to_string())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// Per-object order as the receiver saw it: for every object, the event ids of successive
+/// requests never go down (no delivery starts before an earlier one of the same object finished),
+/// the successful ones strictly increase, and no webhook-id succeeds twice.
+fn assert_per_object_order(got: &[Received]) {
+    let mut last_seen: HashMap<i64, i64> = HashMap::new();
+    let mut last_success: HashMap<i64, i64> = HashMap::new();
+    let mut succeeded: HashSet<String> = HashSet::new();
+    for r in got {
+        let (obj, ev) = (object_of(r), event_id_of(r));
+        if let Some(&prev) = last_seen.get(&obj) {
+            assert!(
+                ev >= prev,
+                "object {obj}: event {ev} was requested after event {prev} had started"
+            );
+        }
+        if let Some(&prev) = last_success.get(&obj) {
+            assert!(
+                ev > prev,
+                "object {obj}: event {ev} requested after event {prev} had already succeeded"
+            );
+        }
+        last_seen.insert(obj, ev);
+        if r.status == 200 {
+            last_success.insert(obj, ev);
+            let id = r.header("webhook-id").unwrap().to_string();
+            assert!(
+                succeeded.insert(id.clone()),
+                "webhook-id {id} succeeded twice"
+            );
+        }
+    }
+}
+
+async fn attempts_of(
+    db: &TestDb,
+    handler_id: i64,
+) -> Vec<(String, Option<i32>, Option<String>, i32)> {
+    db.client
+        .query(
+            "SELECT outcome, http_status, error, attempt FROM provisioning.attempts WHERE handler_id = $1 ORDER BY id",
+            &[&handler_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+async fn wait_attempts(
+    db: &TestDb,
+    handler_id: i64,
+    n: usize,
+) -> Vec<(String, Option<i32>, Option<String>, i32)> {
+    eventually(
+        WAIT,
+        &format!("{n} logged attempts of handler {handler_id}"),
+        || async {
+            let a = attempts_of(db, handler_id).await;
+            (a.len() >= n).then_some(a)
+        },
+    )
+    .await
+}
+
+// ------------------------------------------------------------------------------------------------
+// 1. Retry-After
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn retry_after_on_429_and_503_delays_the_next_attempt_and_is_bounded() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    let slow_down = |status: u16, secs: &str| {
+        Answer::StatusWithHeaders(status, vec![("retry-after", secs.to_string())])
+    };
+    let hid = add_handler(
+        &db.client,
+        "throttled",
+        &["clients.create"],
+        "http",
+        &rx.url("/ra"),
+        "retry_schedule_ms = '{100,100}'",
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[("max_retry_after_ms", "3000")]).await;
+
+    // 429 + Retry-After: 2 → the retry waits ~2 s, not the scheduled 100 ms.
+    rx.script([slow_down(429, "2")]);
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('a')", &[])
+        .await
+        .unwrap();
+    let got = rx.wait_for("/ra", 2, WAIT).await;
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "429 Retry-After: 2 honoured? retried after {gap:?}"
+    );
+    assert_eq!(got[0].body, got[1].body);
+
+    // 503 + Retry-After: 2 → the same.
+    rx.script([slow_down(503, "2")]);
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('b')", &[])
+        .await
+        .unwrap();
+    let got = rx.wait_for("/ra", 4, WAIT).await;
+    let gap = got[3].at - got[2].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "503 Retry-After: 2 honoured? retried after {gap:?}"
+    );
+    assert_eq!(got[2].body, got[3].body);
+    assert_ne!(got[1].body, got[2].body);
+
+    // A huge Retry-After is bounded by max_retry_after_ms (3 s here).
+    rx.script([slow_down(429, "3600")]);
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('c')", &[])
+        .await
+        .unwrap();
+    let got = rx.wait_for("/ra", 6, WAIT).await;
+    let gap = got[5].at - got[4].at;
+    assert!(
+        gap >= Duration::from_millis(2900) && gap < Duration::from_secs(20),
+        "Retry-After: 3600 bounded by max_retry_after_ms = 3000? retried after {gap:?}"
+    );
+
+    let log = wait_attempts(&db, hid, 6).await;
+    let statuses: Vec<(String, Option<i32>)> = log.iter().map(|a| (a.0.clone(), a.1)).collect();
+    assert_eq!(
+        statuses,
+        [
+            ("fail", 429),
+            ("success", 200),
+            ("fail", 503),
+            ("success", 200),
+            ("fail", 429),
+            ("success", 200)
+        ]
+        .map(|(o, s)| (o.to_string(), Some(s)))
+    );
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. 410 Gone
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn gone_410_pauses_the_handler_until_resumed() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    let control = Receiver::start().await;
+    rx.script([Answer::Status(410)]);
+    let hid = add_handler(
+        &db.client,
+        "gone",
+        &["clients.update"],
+        "http",
+        &rx.url("/g"),
+        "max_in_flight = 1, retry_schedule_ms = '{100}'",
+    )
+    .await;
+    add_handler(
+        &db.client,
+        "control",
+        &["clients.update"],
+        "http",
+        &control.url("/c"),
+        "",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+
+    db.client
+        .execute("UPDATE clients SET name = 'a1' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let reason: String = eventually(WAIT, "handler paused after 410", || async {
+        let row = db
+            .client
+            .query_one(
+                "SELECT status, status_reason FROM provisioning.handlers WHERE id = $1",
+                &[&hid],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0) == "paused")
+            .then(|| row.get::<_, Option<String>>(1).unwrap_or_default())
+    })
+    .await;
+    assert!(
+        reason.contains("410"),
+        "status_reason names the 410: {reason:?}"
+    );
+
+    // Captured while paused: held, not delivered. The control handler (same events, same relay)
+    // proves the relay processed them.
+    for sql in [
+        "UPDATE clients SET name = 'b1' WHERE id = 2",
+        "UPDATE clients SET name = 'c1' WHERE id = 3",
+        "UPDATE clients SET name = 'a2' WHERE id = 1",
+    ] {
+        db.client.execute(sql, &[]).await.unwrap();
+    }
+    control.wait_for("/c", 4, WAIT).await;
+    // One more full round trip through the relay after that, still nothing for the paused handler.
+    db.client
+        .execute("UPDATE clients SET name = 'b2' WHERE id = 2", &[])
+        .await
+        .unwrap();
+    control.wait_for("/c", 5, WAIT).await;
+    assert_eq!(
+        rx.received_on("/g").len(),
+        1,
+        "a paused handler received deliveries: {:?}",
+        bodies(&rx.received_on("/g"))
+    );
+    assert_eq!(
+        count(&db.client, &format!("SELECT count(*) FROM provisioning.deliveries WHERE handler_id = {hid} AND status = 'pending'")).await,
+        5,
+        "the 410'd delivery and the 4 captured while paused are held"
+    );
+
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET status = 'enabled' WHERE id = $1",
+            &[&hid],
+        )
+        .await
+        .unwrap();
+    let got = rx.wait_for("/g", 6, WAIT).await;
+    eventually(WAIT, "paused backlog delivered", || async {
+        (count(
+            &db.client,
+            &format!("SELECT count(*) FROM provisioning.deliveries WHERE handler_id = {hid}"),
+        )
+        .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    let names: Vec<String> = got[1..]
+        .iter()
+        .map(|r| r.json()["data"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["a1", "a2", "b1", "b2", "c1"],
+        "every held event delivered once after resume"
+    );
+    let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+    assert!(
+        pos("a1") < pos("a2") && pos("b1") < pos("b2"),
+        "per-object order after resume: {names:?}"
+    );
+    assert_eq!(
+        got[0].body, got[1].body,
+        "the 410'd event is the first delivered on resume"
+    );
+    let log = attempts_of(&db, hid).await;
+    assert_eq!((log[0].0.as_str(), log[0].1), ("fail", Some(410)));
+    relay.stop().await;
+}
+
+fn bodies(got: &[Received]) -> Vec<String> {
+    got.iter().map(|r| r.body.clone()).collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// 3. Redirects
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn redirect_is_a_failure_and_never_followed() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.script([Answer::Redirect("/elsewhere".into())]);
+    let hid = add_handler(
+        &db.client,
+        "moved",
+        &["clients.create"],
+        "http",
+        &rx.url("/old"),
+        "retry_schedule_ms = '{}'",
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
+
+    eventually(WAIT, "delivery dead after the redirect", || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'dead'",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let log = attempts_of(&db, hid).await;
+    assert_eq!(log.len(), 1);
+    let (outcome, status, error, _) = &log[0];
+    assert_eq!((outcome.as_str(), *status), ("fail", Some(302)));
+    let error = error.clone().unwrap_or_default();
+    assert!(
+        error.to_lowercase().contains("redirect"),
+        "error mentions the redirect: {error:?}"
+    );
+    assert!(
+        error.contains("/elsewhere"),
+        "error names the Location: {error:?}"
+    );
+    assert_eq!(rx.received_on("/old").len(), 1);
+    assert!(
+        rx.received_on("/elsewhere").is_empty(),
+        "the redirect was followed"
+    );
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 4. Timeouts
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hanging_receiver_times_out_and_the_relay_keeps_going() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.script([Answer::Hang, Answer::Body(200, "fine".into())]);
+    let hid = add_handler(
+        &db.client,
+        "hangs",
+        &["clients.create"],
+        "http",
+        &rx.url("/h"),
+        "timeout_ms = 300, retry_schedule_ms = '{100}'",
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
+
+    let log = wait_attempts(&db, hid, 2).await;
+    let (outcome, status, error, _) = &log[0];
+    assert_eq!((outcome.as_str(), *status), ("fail", None));
+    let error = error.clone().unwrap_or_default();
+    assert!(
+        error.contains("timed out"),
+        "error says timed out: {error:?}"
+    );
+    let dur: f64 = db
+        .client
+        .query_one("SELECT duration_ms FROM provisioning.attempts WHERE handler_id = $1 ORDER BY id LIMIT 1", &[&hid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (290.0..10_000.0).contains(&dur),
+        "the hung attempt took {dur} ms (timeout 300 ms)"
+    );
+    assert_eq!(log[1].0, "success", "the retry went through");
+    let response: Option<String> = db
+        .client
+        .query_one("SELECT response FROM provisioning.attempts WHERE handler_id = $1 AND outcome = 'success'", &[&hid])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(response.as_deref(), Some("fine"));
+
+    // Keeps going: the next event is delivered at once.
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('y')", &[])
+        .await
+        .unwrap();
+    let log = wait_attempts(&db, hid, 3).await;
+    assert_eq!(log[2].0, "success");
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 5. Dead letters
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn exhausted_schedule_goes_dead_and_releases_the_object() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.script([
+        Answer::Status(500),
+        Answer::Status(500),
+        Answer::Status(500),
+    ]);
+    let hid = add_handler(
+        &db.client,
+        "down",
+        &["clients.update"],
+        "http",
+        &rx.url("/d"),
+        "retry_schedule_ms = '{50,50}'",
+    )
+    .await;
+    db.client
+        .execute("INSERT INTO clients (id, name) VALUES (7, 'a')", &[])
+        .await
+        .unwrap();
+    // Both events exist before the relay starts: the second waits behind the first.
+    db.client
+        .execute("UPDATE clients SET name = 'first' WHERE id = 7", &[])
+        .await
+        .unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'second' WHERE id = 7", &[])
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+
+    let got = rx.wait_for("/d", 4, WAIT).await;
+    let names: Vec<&str> = got
+        .iter()
+        .map(|r| {
+            if r.body.contains("\"first\"") {
+                "first"
+            } else {
+                "second"
+            }
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["first", "first", "first", "second"],
+        "the second event waited for the first to go dead"
+    );
+
+    let (status, attempts, last_error): (String, i32, Option<String>) = {
+        let r = db
+            .client
+            .query_one(
+                "SELECT d.status, d.attempts, d.last_error FROM provisioning.deliveries d
+                   JOIN provisioning.events e ON e.id = d.event_id WHERE e.data->>'name' = 'first'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((status.as_str(), attempts), ("dead", 3));
+    assert!(
+        last_error.as_deref().unwrap_or("").contains("500"),
+        "last_error: {last_error:?}"
+    );
+    let log = wait_attempts(&db, hid, 4).await;
+    let outcomes: Vec<(&str, Option<i32>, i32)> =
+        log.iter().map(|a| (a.0.as_str(), a.1, a.3)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("fail", Some(500), 1),
+            ("fail", Some(500), 2),
+            ("fail", Some(500), 3),
+            ("success", Some(200), 1)
+        ]
+    );
+    eventually(WAIT, "only the dead delivery is left", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 1).then_some(())
+    })
+    .await;
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 6. Isolation between handlers
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_failing_handler_never_delays_another() {
+    let db = TestDb::vcs().await;
+    let hanging = Receiver::start().await;
+    hanging.set_default(Answer::Hang);
+    let healthy = Receiver::start().await;
+    // A hangs for 30 s per attempt with one delivery at a time: coupled to it, B would wait.
+    let a = add_handler(
+        &db.client,
+        "a-hangs",
+        &["clients.create"],
+        "http",
+        &hanging.url("/a"),
+        "timeout_ms = 30000, max_in_flight = 1, priority = 1",
+    )
+    .await;
+    add_handler(
+        &db.client,
+        "b-healthy",
+        &["clients.create"],
+        "http",
+        &healthy.url("/b"),
+        "priority = 2",
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+
+    // One event at a time, so that B's deliveries are claimed over time, not in one batch.
+    let start = Instant::now();
+    for i in 1..=20 {
+        db.client
+            .execute(
+                "INSERT INTO clients (name) VALUES ($1)",
+                &[&format!("c{i}")],
+            )
+            .await
+            .unwrap();
+        healthy.wait_for("/b", i, Duration::from_secs(60)).await;
+    }
+    let took = start.elapsed();
+    // All of B happened while A's first attempt was still hanging.
+    assert_eq!(
+        count(
+            &db.client,
+            &format!("SELECT count(*) FROM provisioning.attempts WHERE handler_id = {a}")
+        )
+        .await,
+        0,
+        "B finished only after an A attempt ended ({took:?})"
+    );
+    assert!(
+        hanging.received_on("/a").len() <= 1,
+        "max_in_flight = 1 for A"
+    );
+    assert_eq!(successes(&healthy, "/b"), 20);
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 7. Per-object order under failures and retries
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn per_object_order_holds_while_failures_and_retries_interleave() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.seed(20_260_127);
+    rx.set_default(Answer::Flaky {
+        percent: 30,
+        status: 500,
+    });
+    // 13 attempts: a delivery that fails 13 times in a row at 30 % is a 1-in-6-million event.
+    let hid = add_handler(
+        &db.client,
+        "flaky",
+        &["clients.update"],
+        "http",
+        &rx.url("/o"),
+        "retry_schedule_ms = '{20,20,20,20,20,20,20,20,20,20,20,20}', max_in_flight = 16",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) SELECT g, 'c' || g FROM generate_series(1, 20) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+    for seq in 1..=10 {
+        for c in 1..=20i64 {
+            db.client
+                .execute(
+                    "UPDATE clients SET name = $2 WHERE id = $1",
+                    &[&c, &format!("c{c}-{seq}")],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    eventually(LONG_WAIT, "200 updates delivered successfully", || async {
+        (successes(&rx, "/o") >= 200).then_some(())
+    })
+    .await;
+    eventually(WAIT, "queue drained", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
+    })
+    .await;
+
+    let got = rx.received_on("/o");
+    assert_per_object_order(&got);
+    // The successful deliveries of each client carry its updates in order, each exactly once.
+    let mut per_client: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    for r in got.iter().filter(|r| r.status == 200) {
+        per_client
+            .entry(object_of(r))
+            .or_default()
+            .push(r.json()["data"]["name"].as_str().unwrap().to_string());
+    }
+    assert_eq!(per_client.len(), 20);
+    for (c, names) in &per_client {
+        let want: Vec<String> = (1..=10).map(|s| format!("c{c}-{s}")).collect();
+        assert_eq!(names, &want, "client {c}");
+    }
+    let failed = got.iter().filter(|r| r.status != 200).count();
+    assert!(
+        failed >= 30,
+        "the receiver failed only {failed} requests: the test did not exercise retries"
+    );
+    assert_eq!(
+        count(&db.client, &format!("SELECT count(*) FROM provisioning.attempts WHERE handler_id = {hid} AND outcome = 'success'")).await,
+        200
+    );
+    assert_eq!(
+        count(&db.client, &format!("SELECT count(*) FROM provisioning.attempts WHERE handler_id = {hid} AND outcome = 'fail'")).await,
+        failed as i64
+    );
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 8. Two relay processes
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_relay_processes_share_a_backlog_without_breaking_order() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.seed(42);
+    rx.set_default(Answer::Flaky {
+        percent: 5,
+        status: 503,
+    });
+    let hid = add_handler(
+        &db.client,
+        "shared",
+        &["clients.update"],
+        "http",
+        &rx.url("/two"),
+        "retry_schedule_ms = '{20,20,20,20,20,20,20,20,20,20}', max_in_flight = 8, timeout_ms = 10000",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) SELECT g, 'c' || g FROM generate_series(1, 100) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sets = [("lease_margin_ms", "10000")];
+    let mut r1 = RelayProcess::spawn(&db, "r1", &sets, &[]);
+    let mut r2 = RelayProcess::spawn(&db, "r2", &sets, &[]);
+    eventually(WAIT, "both relays registered", || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.relays WHERE name IN ('r1', 'r2')",
+        )
+        .await
+            == 2)
+            .then_some(())
+    })
+    .await;
+
+    // 20 rounds × 100 clients = 2000 events, inserted while both relays run.
+    for seq in 1..=20 {
+        db.client
+            .execute(
+                "UPDATE clients SET name = 'c' || id || '-' || $1::text",
+                &[&seq.to_string()],
+            )
+            .await
+            .unwrap();
+    }
+    eventually(LONG_WAIT, "2000 events delivered", || async {
+        (successes(&rx, "/two") >= 2000).then_some(())
+    })
+    .await;
+    eventually(WAIT, "queue drained", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
+    })
+    .await;
+
+    let got = rx.received_on("/two");
+    assert_per_object_order(&got);
+    let delivered: HashSet<i64> = got
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(event_id_of)
+        .collect();
+    let events: HashSet<i64> = db
+        .client
+        .query(
+            "SELECT id FROM provisioning.events WHERE name = 'clients.update'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events.len(), 2000);
+    assert_eq!(delivered, events, "every event delivered");
+    let by_relay: Vec<(String, i64)> = db
+        .client
+        .query(
+            "SELECT relay, count(*) FROM provisioning.attempts WHERE handler_id = $1 AND outcome = 'success' GROUP BY 1 ORDER BY 1",
+            &[&hid],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        by_relay.iter().map(|(_, n)| n).sum::<i64>(),
+        2000,
+        "{by_relay:?}"
+    );
+    assert_eq!(by_relay.len(), 2, "both relays took part: {by_relay:?}");
+    r1.kill9();
+    r2.kill9();
+}
+
+// ------------------------------------------------------------------------------------------------
+// 9. kill -9 mid-flight
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn kill_9_mid_flight_loses_nothing() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.set_default(Answer::Delay(Duration::from_millis(400), 200));
+    let hid = add_handler(
+        &db.client,
+        "slow",
+        &["clients.update"],
+        "http",
+        &rx.url("/k"),
+        "timeout_ms = 1000, max_in_flight = 4, retry_schedule_ms = '{50,50,50,50,50}'",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) SELECT g, 'c' || g FROM generate_series(1, 10) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    for seq in 1..=4 {
+        db.client
+            .execute(
+                "UPDATE clients SET name = 'c' || id || '-' || $1::text",
+                &[&seq.to_string()],
+            )
+            .await
+            .unwrap();
+    }
+    let sets = [("lease_margin_ms", "1000")];
+    let mut r1 = RelayProcess::spawn(&db, "r1", &sets, &[]);
+    eventually(WAIT, "some delivered and some in flight", || async {
+        let running = count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+        )
+        .await;
+        (rx.received_on("/k").len() >= 5 && running > 0).then_some(())
+    })
+    .await;
+    r1.kill9();
+    let stranded = count(
+        &db.client,
+        "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+    )
+    .await;
+    assert!(
+        stranded > 0,
+        "no delivery was in flight when the relay died"
+    );
+
+    let _r2 = RelayProcess::spawn(&db, "r2", &sets, &[]);
+    eventually(Duration::from_secs(60), "all 40 events delivered successfully", || async {
+        let ok = count(
+            &db.client,
+            &format!("SELECT count(DISTINCT event_id) FROM provisioning.attempts WHERE handler_id = {hid} AND outcome = 'success'"),
+        )
+        .await;
+        let left = count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await;
+        (ok == 40 && left == 0).then_some(())
+    })
+    .await;
+
+    let expired = count(
+        &db.client,
+        "SELECT count(*) FROM provisioning.attempts WHERE outcome = 'fail' AND error LIKE '%lease expired%' AND error LIKE '%r1%'",
+    )
+    .await;
+    assert!(
+        expired >= 1 && expired <= stranded,
+        "lease-expired attempts logged: {expired} (stranded {stranded})"
+    );
+
+    // Duplicates only with the same webhook-id: one id per body and one body per id.
+    let got = rx.received_on("/k");
+    let mut id_of_body: HashMap<&str, &str> = HashMap::new();
+    let mut body_of_id: HashMap<&str, &str> = HashMap::new();
+    for r in &got {
+        let id = r.header("webhook-id").unwrap();
+        assert_eq!(
+            *id_of_body.entry(&r.body).or_insert(id),
+            id,
+            "one event, two webhook-ids"
+        );
+        assert_eq!(
+            *body_of_id.entry(id).or_insert(&r.body),
+            r.body,
+            "one webhook-id, two bodies"
+        );
+    }
+    assert_eq!(id_of_body.len(), 40);
+    // No delivery of an object started while an earlier one of it was unfinished.
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for r in &got {
+        let (obj, ev) = (object_of(r), event_id_of(r));
+        assert!(
+            last.get(&obj).is_none_or(|&p| ev >= p),
+            "object {obj}: event {ev} after a later one"
+        );
+        last.insert(obj, ev);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// 10. Disabled and paused handlers
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn disabled_handler_gets_nothing_paused_handler_gets_everything_after_resume() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    let d = add_handler(
+        &db.client,
+        "disabled",
+        &["clients.*"],
+        "http",
+        &rx.url("/disabled"),
+        "status = 'disabled'",
+    )
+    .await;
+    let p = add_handler(
+        &db.client,
+        "paused",
+        &["clients.*"],
+        "http",
+        &rx.url("/paused"),
+        "status = 'paused'",
+    )
+    .await;
+    add_handler(
+        &db.client,
+        "enabled",
+        &["clients.*"],
+        "http",
+        &rx.url("/enabled"),
+        "",
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) VALUES (1, 'a'), (2, 'b')",
+            &[],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'a2' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    rx.wait_for("/enabled", 3, WAIT).await;
+    // One more round trip through the relay.
+    db.client
+        .execute("UPDATE clients SET name = 'b2' WHERE id = 2", &[])
+        .await
+        .unwrap();
+    rx.wait_for("/enabled", 4, WAIT).await;
+
+    assert!(rx.received_on("/disabled").is_empty());
+    assert!(
+        rx.received_on("/paused").is_empty(),
+        "a paused handler received deliveries"
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            &format!("SELECT count(*) FROM provisioning.deliveries WHERE handler_id = {d}")
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&db.client, &format!("SELECT count(*) FROM provisioning.deliveries WHERE handler_id = {p} AND status = 'pending'")).await,
+        4
+    );
+
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET status = 'enabled' WHERE id = $1",
+            &[&p],
+        )
+        .await
+        .unwrap();
+    let got = rx.wait_for("/paused", 4, WAIT).await;
+    let enabled: Vec<String> = rx
+        .received_on("/enabled")
+        .iter()
+        .map(|r| r.body.clone())
+        .collect();
+    let mut paused: Vec<String> = got.iter().map(|r| r.body.clone()).collect();
+    let mut want = enabled.clone();
+    paused.sort();
+    want.sort();
+    assert_eq!(
+        paused, want,
+        "the paused handler got exactly what the enabled one got"
+    );
+    assert_per_object_order(&got);
+
+    // Enabling the disabled handler later does not deliver what was captured before.
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET status = 'enabled' WHERE id = $1",
+            &[&d],
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'a3' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let got = rx.wait_for("/disabled", 1, WAIT).await;
+    rx.wait_for("/paused", 5, WAIT).await;
+    rx.wait_for("/enabled", 5, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].json()["data"]["name"], "a3");
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 11. Handler changes reach a running relay
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn handler_changes_reach_a_running_relay_within_about_a_second() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    db.client
+        .execute("INSERT INTO clients (id, name) VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+    // The relay runs (and has registered) before the handler exists.
+    eventually(WAIT, "relay registered", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.relays").await >= 1).then_some(())
+    })
+    .await;
+
+    let hid = add_handler(
+        &db.client,
+        "late",
+        &["clients.update"],
+        "http",
+        &rx.url("/old"),
+        "",
+    )
+    .await;
+    let start = Instant::now();
+    db.client
+        .execute("UPDATE clients SET name = 'a1' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    rx.wait_for("/old", 1, WAIT).await;
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "a new handler took {took:?} to be served"
+    );
+
+    // Change the target while running: within about a second later events go to the new URL.
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET target = $2 WHERE id = $1",
+            &[&hid, &rx.url("/new")],
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut seq = 1;
+    loop {
+        seq += 1;
+        let before = rx.received().len();
+        db.client
+            .execute(
+                "UPDATE clients SET name = $1 WHERE id = 1",
+                &[&format!("a{seq}")],
+            )
+            .await
+            .unwrap();
+        eventually(WAIT, "probe delivered", || async {
+            (rx.received().len() > before).then_some(())
+        })
+        .await;
+        if !rx.received_on("/new").is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "the new target was not used after {:?}",
+            start.elapsed()
+        );
+    }
+    let old = rx.received_on("/old").len();
+    for i in 0..3 {
+        db.client
+            .execute(
+                "UPDATE clients SET name = $1 WHERE id = 1",
+                &[&format!("z{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    let new = rx.wait_for("/new", 4, WAIT).await;
+    assert_eq!(
+        rx.received_on("/old").len(),
+        old,
+        "events went to the old URL after the switch"
+    );
+    assert_eq!(new.last().unwrap().json()["data"]["name"], "z2");
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// 12. SIGTERM
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_during_a_drain_finishes_in_flight_work_and_exits_cleanly() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.set_default(Answer::Delay(Duration::from_millis(300), 200));
+    let hid = add_handler(
+        &db.client,
+        "drain",
+        &["clients.create"],
+        "http",
+        &rx.url("/t"),
+        "timeout_ms = 5000, max_in_flight = 4",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 40) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut r1 = RelayProcess::spawn(&db, "r1", &[("shutdown_grace_ms", "5000")], &[]);
+    eventually(WAIT, "draining with deliveries in flight", || async {
+        let running = count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+        )
+        .await;
+        (rx.received_on("/t").len() >= 4 && running > 0).then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    r1.sigterm();
+    let status = r1.wait_exit(Duration::from_secs(30)).await;
+    let took = t.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        r1.log_text()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}, more than the 5 s grace period, to exit"
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'"
+        )
+        .await,
+        0
+    );
+    // In-flight work (300 ms each) finished within the grace period: every request the receiver
+    // saw is logged as a success, and nothing was started and abandoned.
+    let seen: HashSet<i64> = rx.received_on("/t").iter().map(event_id_of).collect();
+    let ok: HashSet<i64> = db
+        .client
+        .query("SELECT event_id FROM provisioning.attempts WHERE handler_id = $1 AND outcome = 'success'", &[&hid])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        seen, ok,
+        "in-flight deliveries were not finished before exit"
+    );
+    assert!(
+        ok.len() < 40,
+        "the drain was over before SIGTERM; the test proved nothing"
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE attempts > 0"
+        )
+        .await,
+        0,
+        "a delivery was left half-done"
+    );
+
+    let relay = RunningRelay::start(&db, &[]).await;
+    eventually(WAIT, "a new relay finishes the backlog", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(successes(&rx, "/t"), 40);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_releases_work_that_outlives_the_grace_period() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.set_default(Answer::Hang);
+    let hid = add_handler(
+        &db.client,
+        "stuck",
+        &["clients.create"],
+        "http",
+        &rx.url("/s"),
+        "timeout_ms = 60000, max_in_flight = 3",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 5) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut r1 = RelayProcess::spawn(&db, "r1", &[("shutdown_grace_ms", "1000")], &[]);
+    eventually(WAIT, "3 hanging deliveries in flight", || async {
+        let running = count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+        )
+        .await;
+        (rx.received_on("/s").len() >= 3 && running == 3).then_some(())
+    })
+    .await;
+    let t = Instant::now();
+    r1.sigterm();
+    let status = r1.wait_exit(Duration::from_secs(30)).await;
+    let took = t.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        r1.log_text()
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the grace period ended"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "took {took:?} to exit with a 1 s grace period"
+    );
+    let rows = db
+        .client
+        .query("SELECT status, attempts, lease_owner FROM provisioning.deliveries WHERE handler_id = $1", &[&hid])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5);
+    for r in &rows {
+        let (status, attempts, owner): (String, i32, Option<String>) =
+            (r.get(0), r.get(1), r.get(2));
+        assert_eq!(
+            (status.as_str(), attempts, owner),
+            ("pending", 0, None),
+            "released, attempt not counted"
+        );
+    }
+
+    rx.set_default(Answer::Status(200));
+    let relay = RunningRelay::start(&db, &[]).await;
+    eventually(WAIT, "a new relay finishes the released work", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(successes(&rx, "/s"), 5);
+    relay.stop().await;
+}

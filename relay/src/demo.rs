@@ -35,6 +35,44 @@ impl TempCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    fn start_options(&self) -> String {
+        format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        )
+    }
+
+    /// Stop the server: `mode` is smart, fast or immediate (immediate = crash, recovery on start).
+    pub fn stop(&self, mode: &str) -> anyhow::Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", mode, "-w", "-t", "60", "stop"])
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl stop -m {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Start the (stopped) server again on the same port.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-o", &self.start_options(), "-l"])
+            .arg(self.dir.join("postgres.log"))
+            .args(["-w", "-t", "60", "start"])
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     fn command(&self, program: &str) -> Command {
         let exe = self.bin.join(program);
         match &self.run_as {
@@ -97,26 +135,9 @@ impl TempCluster {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         cluster.port = free_port()?;
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            cluster.port,
-            cluster.dir.display()
-        );
-        let out = cluster
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .args(["-o", &opts, "-l"])
-            .arg(cluster.dir.join("postgres.log"))
-            .args(["-w", "-t", "60", "start"])
-            .output()
-            .context("cannot run pg_ctl")?;
-        if !out.status.success() {
+        if let Err(e) = cluster.start_again() {
             let log = std::fs::read_to_string(cluster.dir.join("postgres.log")).unwrap_or_default();
-            bail!(
-                "pg_ctl start failed: {}\n{log}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("{e}\n{log}");
         }
         Ok(cluster)
     }

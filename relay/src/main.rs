@@ -8,6 +8,9 @@ use relay::config::Config;
 
 fn init_logging(config: &Config) {
     let filter = std::env::var("RELAY_LOG").unwrap_or_else(|_| config.log_level.clone());
+    // The database driver logs query parameters at debug level, and parameters can hold secrets
+    // (handler signing secrets written through the API): never let it log below info.
+    let filter = format!("{filter},tokio_postgres=info");
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

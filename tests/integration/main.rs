@@ -15,3 +15,4 @@ mod demo;
 mod examples;
 mod guarantees;
 mod scripts;
+mod security;

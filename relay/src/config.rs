@@ -168,14 +168,23 @@ impl Config {
             );
         }
 
-        let config: Config =
-            merged
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::BadValue {
-                    key: "?".into(),
-                    origin: "merged configuration".into(),
-                    problem: e.to_string(),
-                })?;
+        let config: Config = merged.clone().try_into().map_err(|e: toml::de::Error| {
+            // Name the culprit: the first key whose value alone does not fit.
+            let key = merged
+                .iter()
+                .find(|(k, v)| {
+                    let mut t = defaults.clone();
+                    t.insert((*k).clone(), (*v).clone());
+                    t.try_into::<Config>().is_err()
+                })
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| "?".into());
+            ConfigError::BadValue {
+                key,
+                origin: "configuration".into(),
+                problem: e.message().trim().to_string(),
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -413,5 +422,71 @@ mod example_file {
             Config::load(Some(&path), &[], &[]).unwrap(),
             Config::default()
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Mutated configuration files: never a panic; every refusal names what is wrong.
+    #[test]
+    fn mutated_config_files_are_refused_clearly() {
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay.example.toml"),
+        )
+        .unwrap();
+        let lines: Vec<&str> = example.lines().filter(|l| l.contains(" = ")).collect();
+        let values = [
+            "0",
+            "-1",
+            "\"\"",
+            "\"x\"",
+            "true",
+            "1.5",
+            "[1]",
+            "99999999999",
+            "{a=1}",
+            "\"127.0.0.1:0\"",
+            "\"json\"",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let dir = std::env::temp_dir().join(format!("relay-config-prop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        for _ in 0..2_000 {
+            let mut text = String::new();
+            for _ in 0..rng.gen_range(1..5) {
+                let line = lines[rng.gen_range(0..lines.len())];
+                let key = line.split(" = ").next().unwrap();
+                let key = if rng.gen_bool(0.1) {
+                    format!("{key}x")
+                } else {
+                    key.to_string()
+                };
+                let value = if rng.gen_bool(0.5) {
+                    line.split(" = ").nth(1).unwrap()
+                } else {
+                    values[rng.gen_range(0..values.len())]
+                };
+                text.push_str(&format!("{key} = {value}\n"));
+            }
+            if rng.gen_bool(0.05) {
+                text.push_str("[[[");
+            }
+            std::fs::write(&path, &text).unwrap();
+            match Config::load(Some(&path), &[], &[]) {
+                Ok(c) => assert!(c.validate().is_ok()),
+                Err(e) => {
+                    let m = e.to_string();
+                    assert!(
+                        (m.contains('`') && !m.contains("`?`")) || m.contains("not valid TOML"),
+                        "unclear error for {text:?}: {m}"
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

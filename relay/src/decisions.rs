@@ -143,3 +143,93 @@ mod tests {
         .is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+
+    fn random_json(rng: &mut rand::rngs::StdRng, depth: u32) -> Value {
+        match rng.gen_range(0..if depth > 2 { 4 } else { 7 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.gen()),
+            2 => json!(rng.gen::<i32>()),
+            3 => Value::String(
+                (0..rng.gen_range(0..8))
+                    .map(|_| rng.gen_range('a'..='z'))
+                    .collect(),
+            ),
+            4 => Value::Array(
+                (0..rng.gen_range(0..4))
+                    .map(|_| random_json(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => {
+                let keys = ["allow", "data", "reason", "event", "name", "id", "x"];
+                Value::Object(
+                    (0..rng.gen_range(0..5))
+                        .map(|_| {
+                            (
+                                keys[rng.gen_range(0..keys.len())].to_string(),
+                                random_json(rng, depth + 1),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Any bytes at all: never a panic, and never "allow" for something that is not JSON.
+    #[test]
+    fn any_bytes_never_panic_and_garbage_is_never_allow() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let sent = json!({"id": 1, "name": "A"});
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..64);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let r = parse(&text, &sent);
+            if !text.trim().is_empty() && serde_json::from_str::<Value>(text.trim()).is_err() {
+                assert!(r.is_err(), "garbage {text:?} taken as {r:?}");
+            }
+        }
+    }
+
+    /// Structured replies: forbid exactly when allow is false; modify only when data differs.
+    #[test]
+    fn structured_replies_follow_the_protocol() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let sent = json!({"id": 1, "name": "A"});
+        for _ in 0..20_000 {
+            let v = random_json(&mut rng, 0);
+            let text = v.to_string();
+            let r = parse(&text, &sent);
+            match (&v, &r) {
+                (Value::Object(o), Ok(Decision::Forbid(_))) => {
+                    assert_eq!(o.get("allow"), Some(&Value::Bool(false)))
+                }
+                (Value::Object(o), Ok(Decision::Modify(d))) => {
+                    let data = o["data"].as_object().unwrap();
+                    assert!(data.iter().any(|(k, v)| sent.get(k) != Some(v)));
+                    for (k, v) in data {
+                        assert_eq!(d.get(k), Some(v));
+                    }
+                }
+                (Value::Object(o), Ok(Decision::Allow)) => {
+                    assert_ne!(o.get("allow"), Some(&Value::Bool(false)));
+                }
+                (Value::Object(o), Err(_)) => {
+                    let bad_allow = o.get("allow").map(|a| !a.is_boolean()).unwrap_or(false);
+                    let bad_data = o
+                        .get("data")
+                        .map(|d| !d.is_object() && !d.is_null())
+                        .unwrap_or(false);
+                    assert!(bad_allow || bad_data, "{text} refused");
+                }
+                (_, r) => assert!(r.is_err(), "non-object {text} taken as {r:?}"),
+            }
+        }
+    }
+}

@@ -52,7 +52,10 @@ impl TempCluster {
             .args(["-m", mode, "-w", "-t", "60", "stop"])
             .output()?;
         if !out.status.success() {
-            bail!("pg_ctl stop -m {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pg_ctl stop -m {mode} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -68,7 +71,10 @@ impl TempCluster {
             .args(["-w", "-t", "60", "start"])
             .output()?;
         if !out.status.success() {
-            bail!("pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "pg_ctl start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }

@@ -570,6 +570,12 @@ async fn complete_loop(
                     }
                     break;
                 }
+                Err(e) if e.is_refusal() => {
+                    // One outcome the database will not take must not block the others.
+                    tracing::error!(error = %e, "the database refused a batch of outcomes; recording them one by one");
+                    complete_one_by_one(&store, &mut batch).await;
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, pending = batch.len(), "cannot record outcomes; retrying in {:?}", backoff);
                     tokio::time::sleep(backoff).await;
@@ -596,6 +602,37 @@ async fn complete_loop(
         }
         batch.clear();
         shared.wake.notify_one();
+    }
+}
+
+/// Fallback after a refused batch: each outcome alone; one that is still refused is recorded with
+/// its log text replaced by the reason, then without a log; if even that fails its lease runs out
+/// and the delivery is retried (nothing is lost, the attempt is logged then).
+async fn complete_one_by_one(store: &Store, batch: &mut [Completion]) {
+    for c in batch.iter_mut() {
+        for round in 0..3 {
+            let r = store.complete(std::slice::from_ref(c)).await;
+            match r {
+                Ok(_) => break,
+                Err(e) if e.is_refusal() && round == 0 => {
+                    let why = format!("the outcome could not be stored as received: {e}");
+                    if let Some(log) = c.log.as_mut() {
+                        log.response = None;
+                        log.error = Some(why.clone());
+                    }
+                    c.error = Some(why);
+                }
+                Err(e) if e.is_refusal() && round == 1 => {
+                    c.log = None;
+                    c.error = Some("the outcome could not be stored".into());
+                    tracing::error!(delivery = c.delivery_id, error = %e, "outcome refused even without its log text");
+                }
+                Err(e) => {
+                    tracing::error!(delivery = c.delivery_id, error = %e, "cannot record this outcome; its lease will expire and it will be retried");
+                    break;
+                }
+            }
+        }
     }
 }
 

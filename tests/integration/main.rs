@@ -7,12 +7,14 @@ mod capture;
 mod receiver;
 
 mod admin_api;
+mod bad_input;
 mod before;
 mod browser;
 mod cli;
 mod delivery;
 mod demo;
 mod examples;
+mod faults;
 mod guarantees;
 mod scripts;
 mod security;

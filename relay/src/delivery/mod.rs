@@ -42,9 +42,10 @@ pub struct Reply {
 }
 
 /// Keep at most `limit` bytes, cut at a character boundary, marking the cut.
+/// Invalid UTF-8 and NUL bytes (which PostgreSQL text cannot hold) become U+FFFD.
 pub fn truncate_text(bytes: &[u8], limit: usize, total: usize) -> String {
     let keep = &bytes[..bytes.len().min(limit)];
-    let mut s = String::from_utf8_lossy(keep).into_owned();
+    let mut s = String::from_utf8_lossy(keep).replace('\0', "\u{FFFD}");
     if total > keep.len() {
         s.push_str(&format!("\n…[truncated: {total} bytes in all]"));
     }

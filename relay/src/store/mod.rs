@@ -19,6 +19,23 @@ pub enum StoreError {
     Query(#[from] tokio_postgres::Error),
 }
 
+impl StoreError {
+    /// The database refused this data (it would refuse it again): not a connection problem, a
+    /// restart, or a transient conflict. Retrying the same write is pointless.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            StoreError::Query(e) => e
+                .as_db_error()
+                .map(|d| {
+                    let class = &d.code().code()[..2];
+                    !matches!(class, "08" | "40" | "53" | "57" | "58")
+                })
+                .unwrap_or(false),
+            StoreError::Pool(_) => false,
+        }
+    }
+}
+
 /// One claimed delivery with its event.
 #[derive(Debug, Clone)]
 pub struct Claimed {

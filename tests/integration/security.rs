@@ -161,7 +161,7 @@ async fn secrets_never_appear_in_logs_metrics_api_or_page() {
         ));
     }
     // A failing CLI call mentions the URL: redacted.
-    let bad = url.replacen(&format!("{}", db.name), "no_such_db_for_security", 1);
+    let bad = url.replacen(&db.name, "no_such_db_for_security", 1);
     let out = Command::new(env!("CARGO_BIN_EXE_relay"))
         .args(["status", "--database-url", &bad])
         .env_remove("DATABASE_URL")

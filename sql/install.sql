@@ -387,7 +387,8 @@ BEGIN
          ORDER BY h.priority, h.id;
 
         -- Ring the doorbell only if a relay sleeps (one folded NOTIFY per transaction at most).
-        IF EXISTS (SELECT 1 FROM provisioning.relays WHERE sleeping) THEN
+        -- (a relay killed while asleep stops counting once its heartbeat is a minute old)
+        IF EXISTS (SELECT 1 FROM provisioning.relays WHERE sleeping AND heartbeat_at > now() - interval '1 minute') THEN
             PERFORM pg_notify('provisioning_events', '');
         END IF;
     END IF;

@@ -464,11 +464,37 @@ async fn outcome(
             "paused by the relay: the handler answered 410 Gone at {}",
             Utc::now().to_rfc3339()
         );
-        if let Err(e) = store.pause_handler(handler.id, &reason).await {
-            tracing::error!(handler = %handler.name, error = %e, "cannot pause handler after 410 Gone");
+        let mut paused = false;
+        for wait_ms in [0u64, 200, 1000] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            match store.pause_handler(handler.id, &reason).await {
+                Ok(()) => {
+                    paused = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(handler = %handler.name, error = %e, "cannot pause handler after 410 Gone; retrying")
+                }
+            }
         }
-        tracing::warn!(handler = %handler.name, "handler answered 410 Gone: paused; resume it to deliver its backlog");
-        (Action::Release, Duration::ZERO)
+        if paused {
+            tracing::warn!(handler = %handler.name, "handler answered 410 Gone: paused; resume it to deliver its backlog");
+            // Queued again at once, but a paused handler is not claimed: it waits for resume.
+            (Action::Retry, Duration::ZERO)
+        } else {
+            // The pause could not be recorded: never forget the 410, fall back to the schedule.
+            let r: f64 = rand::thread_rng().gen();
+            match next_step(
+                &handler.retry_schedule_ms,
+                c.attempt,
+                r,
+                None,
+                max_retry_after,
+            ) {
+                NextStep::RetryAfter(d) => (Action::Retry, d),
+                NextStep::Dead => (Action::Dead, Duration::ZERO),
+            }
+        }
     } else {
         let r: f64 = rand::thread_rng().gen();
         match next_step(

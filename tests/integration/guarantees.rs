@@ -332,7 +332,8 @@ async fn gone_410_pauses_the_handler_until_resumed() {
         .execute("UPDATE clients SET name = 'a1' WHERE id = 1", &[])
         .await
         .unwrap();
-    let reason: String = eventually(WAIT, "handler paused after 410", || async {
+    let start = Instant::now();
+    let reason: String = loop {
         let row = db
             .client
             .query_one(
@@ -341,10 +342,30 @@ async fn gone_410_pauses_the_handler_until_resumed() {
             )
             .await
             .unwrap();
-        (row.get::<_, String>(0) == "paused")
-            .then(|| row.get::<_, Option<String>>(1).unwrap_or_default())
-    })
-    .await;
+        if row.get::<_, String>(0) == "paused" {
+            break row.get::<_, Option<String>>(1).unwrap_or_default();
+        }
+        if start.elapsed() > WAIT {
+            let log = attempts_of(&db, hid).await;
+            let got: Vec<(String, u16)> = rx
+                .received()
+                .iter()
+                .map(|r| (r.path.clone(), r.status))
+                .collect();
+            panic!(
+                "handler not paused after a 410 within {WAIT:?}: handler status {:?}; requests {got:?}; attempts {log:?}; deliveries {:?}",
+                row.get::<_, String>(0),
+                db.client
+                    .query("SELECT status, attempts, last_error FROM provisioning.deliveries", &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1), r.get::<_, Option<String>>(2)))
+                    .collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         reason.contains("410"),
         "status_reason names the 410: {reason:?}"
@@ -418,6 +439,74 @@ async fn gone_410_pauses_the_handler_until_resumed() {
     );
     let log = attempts_of(&db, hid).await;
     assert_eq!((log[0].0.as_str(), log[0].1), ("fail", Some(410)));
+    relay.stop().await;
+}
+
+/// Found by running the suite under connection exhaustion: when writing the pause fails, the 410
+/// is forgotten and the delivery is released for immediate redelivery.
+#[tokio::test]
+async fn gone_410_pauses_the_handler_even_if_the_first_pause_write_fails() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.script([Answer::Status(410)]);
+    let hid = add_handler(
+        &db.client,
+        "gone",
+        &["clients.update"],
+        "http",
+        &rx.url("/g"),
+        "max_in_flight = 1, retry_schedule_ms = '{100}'",
+    )
+    .await;
+    // A transient failure of the first write that pauses a handler (as when the pool cannot get a
+    // connection: "too many clients"). Sequences are not transactional, so only the first fails.
+    db.client
+        .batch_execute(
+            "CREATE SEQUENCE test_pause_failures;
+             CREATE FUNCTION test_fail_first_pause() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.status = 'paused' AND OLD.status = 'enabled' AND nextval('test_pause_failures') = 1 THEN
+                     RAISE EXCEPTION 'simulated transient failure' USING ERRCODE = '53300';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER test_fail_first_pause BEFORE UPDATE ON provisioning.handlers
+                 FOR EACH ROW EXECUTE FUNCTION test_fail_first_pause();",
+        )
+        .await
+        .unwrap();
+    db.client
+        .execute("INSERT INTO clients (id, name) VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+    db.client
+        .execute("UPDATE clients SET name = 'a1' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    rx.wait_for("/g", 1, WAIT).await;
+    let status = eventually(
+        WAIT,
+        "the 410 handled (handler paused or event redelivered)",
+        || async {
+            let status: String = db
+                .client
+                .query_one(
+                    "SELECT status FROM provisioning.handlers WHERE id = $1",
+                    &[&hid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (status == "paused" || rx.received_on("/g").len() > 1).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(
+        (status.as_str(), rx.received_on("/g").len()),
+        ("paused", 1),
+        "the handler answered 410 Gone but was not paused, and the event was sent again"
+    );
     relay.stop().await;
 }
 
@@ -641,14 +730,14 @@ async fn a_failing_handler_never_delays_another() {
     let hanging = Receiver::start().await;
     hanging.set_default(Answer::Hang);
     let healthy = Receiver::start().await;
-    // A hangs for 30 s per attempt with one delivery at a time: coupled to it, B would wait.
+    // A hangs for 60 s per attempt with one delivery at a time: coupled to it, B would wait.
     let a = add_handler(
         &db.client,
         "a-hangs",
         &["clients.create"],
         "http",
         &hanging.url("/a"),
-        "timeout_ms = 30000, max_in_flight = 1, priority = 1",
+        "timeout_ms = 60000, max_in_flight = 1, priority = 1",
     )
     .await;
     add_handler(
@@ -662,7 +751,8 @@ async fn a_failing_handler_never_delays_another() {
     .await;
     let relay = RunningRelay::start(&db, &[]).await;
 
-    // One event at a time, so that B's deliveries are claimed over time, not in one batch.
+    // One event at a time, so that B's deliveries are claimed over time, not in one batch. Each
+    // must reach B well within A's 60 s timeout.
     let start = Instant::now();
     for i in 1..=20 {
         db.client
@@ -672,7 +762,7 @@ async fn a_failing_handler_never_delays_another() {
             )
             .await
             .unwrap();
-        healthy.wait_for("/b", i, Duration::from_secs(60)).await;
+        healthy.wait_for("/b", i, Duration::from_secs(20)).await;
     }
     let took = start.elapsed();
     // All of B happened while A's first attempt was still hanging.
@@ -1252,6 +1342,13 @@ async fn sigterm_during_a_drain_finishes_in_flight_work_and_exits_cleanly() {
         .await,
         0
     );
+    // Claiming stopped at SIGTERM: what arrived afterwards can only be work already claimed
+    // (at most max_in_flight = 4).
+    let after = rx.received_on("/t").iter().filter(|r| r.at > t).count();
+    assert!(
+        after <= 4,
+        "{after} requests started after SIGTERM: the relay kept claiming"
+    );
     // In-flight work (300 ms each) finished within the grace period: every request the receiver
     // saw is logged as a success, and nothing was started and abandoned.
     let seen: HashSet<i64> = rx.received_on("/t").iter().map(event_id_of).collect();
@@ -1361,5 +1458,224 @@ async fn sigterm_releases_work_that_outlives_the_grace_period() {
     })
     .await;
     assert_eq!(successes(&rx, "/s"), 5);
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Found while testing kill -9: a relay killed while asleep leaves the doorbell armed
+// ------------------------------------------------------------------------------------------------
+
+/// A LISTEN connection collecting notification payloads of one channel.
+async fn listen(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(msg)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}
+
+/// Wait for notification `marker`; returns the payloads received before it.
+async fn notifications_until(
+    listener: &tokio_postgres::Client,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    marker: &str,
+) -> Vec<String> {
+    let mut before = Vec::new();
+    let start = Instant::now();
+    loop {
+        // A round trip on the listening session makes the server flush pending notifications.
+        listener.batch_execute("SELECT 1").await.unwrap();
+        while let Ok(p) = rx.try_recv() {
+            if p == marker {
+                return before;
+            }
+            before.push(p);
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "notification {marker:?} never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_relay_killed_while_asleep_does_not_leave_the_doorbell_ringing() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    add_handler(
+        &db.client,
+        "h",
+        &["clients.create"],
+        "http",
+        &rx.url("/x"),
+        "",
+    )
+    .await;
+    let mut r1 = RelayProcess::spawn(&db, "r1", &[], &[]);
+    eventually(WAIT, "r1 asleep", || async {
+        let n = count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.relays WHERE name = 'r1' AND sleeping",
+        )
+        .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    r1.kill9();
+    // An hour later (simulated): r1 is long dead and no relay runs.
+    db.client
+        .execute("UPDATE provisioning.relays SET heartbeat_at = now() - interval '1 hour' WHERE name = 'r1'", &[])
+        .await
+        .unwrap();
+
+    let (listener, mut notes) = listen(&db.url, "provisioning_events").await;
+    db.client
+        .execute("SELECT pg_notify('provisioning_events', 'start')", &[])
+        .await
+        .unwrap();
+    notifications_until(&listener, &mut notes, "start").await;
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
+    db.client
+        .execute("SELECT pg_notify('provisioning_events', 'end')", &[])
+        .await
+        .unwrap();
+    let rung = notifications_until(&listener, &mut notes, "end").await;
+    assert!(
+        rung.is_empty(),
+        "capture rang the doorbell for a relay dead for an hour ({} notifications); relays: {:?}",
+        rung.len(),
+        db.client
+            .query(
+                "SELECT name, sleeping, heartbeat_at::text FROM provisioning.relays",
+                &[]
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (
+                r.get::<_, String>(0),
+                r.get::<_, bool>(1),
+                r.get::<_, String>(2)
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Lease fencing: a relay whose claim was taken over cannot mark the work done
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_relay_whose_claim_was_taken_over_cannot_complete_it() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.set_default(Answer::Delay(Duration::from_secs(2), 200));
+    let hid = add_handler(
+        &db.client,
+        "fenced",
+        &["clients.update"],
+        "http",
+        &rx.url("/f"),
+        "timeout_ms = 10000, retry_schedule_ms = '{50,50}'",
+    )
+    .await;
+    db.client
+        .execute("INSERT INTO clients (id, name) VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'first' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    db.client
+        .execute("UPDATE clients SET name = 'second' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+
+    // While the relay's first attempt is in flight (the receiver answers after 2 s), another relay
+    // "takes over" the claim: its lease expired there, and it was re-claimed with a new token.
+    rx.wait_for("/f", 1, WAIT).await;
+    let taken = db
+        .client
+        .execute(
+            "UPDATE provisioning.deliveries
+                SET lease_token = 4242, lease_owner = 'other-relay', lease_expires_at = now() + interval '3 seconds'
+              WHERE handler_id = $1 AND status = 'running'",
+            &[&hid],
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, 1, "the first attempt was not in flight any more");
+
+    // The relay finishes its attempt (logged) but must not complete the other relay's claim...
+    wait_attempts(&db, hid, 1).await;
+    let row = db
+        .client
+        .query_opt(
+            "SELECT status, lease_owner, lease_token FROM provisioning.deliveries d
+               JOIN provisioning.events e ON e.id = d.event_id WHERE e.data->>'name' = 'first'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .expect("a stale claim completed (deleted) the delivery over another relay's claim");
+    let (status, owner, token): (String, Option<String>, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (status.as_str(), owner.as_deref(), token),
+        ("running", Some("other-relay"), Some(4242)),
+        "a stale claim completed over another relay's claim"
+    );
+    // ... and so the next event of the object does not start while the other relay holds the first.
+    assert_eq!(
+        rx.received_on("/f").len(),
+        1,
+        "the second event started while the first was held elsewhere"
+    );
+
+    // The other relay "dies": its lease expires, is recovered (and logged), and the work is redone.
+    let got = rx.wait_for("/f", 3, WAIT).await;
+    let names: Vec<String> = got
+        .iter()
+        .map(|r| r.json()["data"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["first", "first", "second"]);
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    eventually(WAIT, "queue drained", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.attempts WHERE error LIKE 'lease expired: relay other-relay%'"
+        )
+        .await,
+        1
+    );
     relay.stop().await;
 }

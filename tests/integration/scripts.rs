@@ -534,3 +534,61 @@ async fn missing_or_non_executable_script_fails_with_a_clear_error() {
     .await;
     relay.stop().await;
 }
+
+// ------------------------------------------------------------------------------------------------
+// Found while testing kill -9: scripts outlive a crashed relay
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_script_does_not_outlive_a_relay_killed_with_sigkill() {
+    let db = TestDb::vcs().await;
+    let dir = TempDir::new();
+    add_handler(
+        &db.client,
+        "hangs",
+        &["clients.create"],
+        "script",
+        &fixture("spawn_and_hang.sh"),
+        &format!(
+            "{}, timeout_ms = 2000, retry_schedule_ms = '{{}}'",
+            set_handler_args(&[dir.path()])
+        ),
+    )
+    .await;
+    let mut relay = RelayProcess::spawn(&db, "r1", &[("lease_margin_ms", "1000")], &[]);
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
+    let (script, child) = eventually(WAIT, "script running", || async {
+        let s = std::fs::read_to_string(dir.0.join("script.pid")).ok()?;
+        let c = std::fs::read_to_string(dir.0.join("child.pid")).ok()?;
+        Some((
+            s.trim().parse::<i32>().unwrap(),
+            c.trim().parse::<i32>().unwrap(),
+        ))
+    })
+    .await;
+    relay.kill9();
+    // Well past the script's 2 s timeout: nothing may be left running on the relay's behalf.
+    let start = std::time::Instant::now();
+    while !(process_gone(script) && process_gone(child))
+        && start.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alive: Vec<i32> = [script, child]
+        .into_iter()
+        .filter(|p| !process_gone(*p))
+        .collect();
+    for p in &alive {
+        // SAFETY: kill(2) of a process this test started (through the relay): cleanup.
+        unsafe {
+            libc::kill(*p, libc::SIGKILL);
+        }
+    }
+    assert!(
+        alive.is_empty(),
+        "still running 10 s after the relay died: {alive:?}"
+    );
+}

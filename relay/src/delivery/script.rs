@@ -49,6 +49,16 @@ impl ScriptTransport {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        let (lifeline_read, lifeline_write) = lifeline();
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (setpgid, fork, close, read, kill, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpgid(0, 0);
+                arm_watcher(lifeline_read, lifeline_write);
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -162,6 +172,68 @@ async fn read_bounded<R: AsyncRead + Unpin>(pipe: Option<R>, limit: usize) -> (V
         }
     }
     (kept, total)
+}
+
+/// The relay's lifeline: a pipe whose write end only the relay holds (close-on-exec, never
+/// written). When the relay dies — even by SIGKILL — the kernel closes it and every reader sees EOF.
+fn lifeline() -> (i32, i32) {
+    static LIFELINE: std::sync::OnceLock<(i32, i32)> = std::sync::OnceLock::new();
+    *LIFELINE.get_or_init(|| {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        if rc != 0 {
+            return (-1, -1);
+        }
+        (fds[0], fds[1])
+    })
+}
+
+/// In the script's process (after fork, before exec): fork a watcher into the script's process
+/// group. The watcher blocks reading the lifeline; EOF means the relay died, and the watcher kills
+/// the whole group (the script, its children, itself). When the attempt ends normally the relay
+/// kills the group, watcher included. So no script outlives its relay.
+///
+/// SAFETY: must only be called between fork and exec; uses async-signal-safe calls only.
+unsafe fn arm_watcher(read_fd: i32, write_fd: i32) {
+    if read_fd < 0 {
+        return;
+    }
+    let pid = libc::fork();
+    if pid != 0 {
+        return; // the script (or fork failed: run without a watcher)
+    }
+    // The watcher is a copy of the relay's forked child: it holds copies of every descriptor the
+    // relay had (the script's pipes, sockets, the lifeline's write end). Keep only the lifeline's
+    // read end, as stdin, so nobody waits on a pipe the watcher keeps open.
+    let _ = write_fd;
+    libc::dup2(read_fd, 0);
+    if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) != 0 {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as i32
+        } else {
+            4096
+        };
+        for fd in 1..max {
+            libc::close(fd);
+        }
+    }
+    let mut byte = [0u8; 1];
+    loop {
+        let n = libc::read(0, byte.as_mut_ptr().cast(), 1);
+        if n == 0 {
+            libc::kill(0, libc::SIGKILL); // the relay is gone: take the group down
+            libc::_exit(0);
+        }
+        if n < 0 && *libc::__errno_location() == libc::EINTR {
+            continue;
+        }
+        libc::_exit(0);
+    }
 }
 
 fn kill_group(pgid: Option<i32>) {

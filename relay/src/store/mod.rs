@@ -184,6 +184,10 @@ impl Store {
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        // Durable before visible: once a `done` is visible, the object's next delivery may be
+        // sent; an asynchronous commit lost in a crash would then resend this one after it.
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
         let (decided, plain): (Vec<&Completion>, Vec<&Completion>) =
             batch.iter().partition(|c| c.decision.is_some());
         let complete = tx.prepare_cached(include_str!("complete.sql")).await?;
@@ -309,6 +313,13 @@ impl Store {
                 "INSERT INTO provisioning.relays (name) VALUES ($1)
                  ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
                 &[&self.relay_name],
+            )
+            .await?;
+        // Forget relays that stopped heartbeating long ago (killed, never unregistered).
+        client
+            .execute(
+                "DELETE FROM provisioning.relays WHERE heartbeat_at < now() - interval '1 hour'",
+                &[],
             )
             .await?;
         Ok(())

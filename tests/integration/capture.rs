@@ -149,6 +149,12 @@ async fn client_42(c: &Client) -> Value {
     )
 }
 
+/// A numeric(16,4) column as the database renders it: exact, four decimals (the relay keeps numbers
+/// exactly as PostgreSQL wrote them, never through a float).
+fn numeric4(v: f64) -> Value {
+    serde_json::from_str(&format!("{v:.4}")).unwrap()
+}
+
 fn client_row_json(
     id: i64,
     name: &str,
@@ -158,7 +164,7 @@ fn client_row_json(
     cf: Value,
 ) -> Value {
     json!({
-        "id": id, "name": name, "status": status, "balance": balance, "credit": 100.0,
+        "id": id, "name": name, "status": status, "balance": numeric4(balance), "credit": numeric4(100.0),
         "currency": "EUR", "email": email, "company": "ACME", "custom_fields": cf,
         "created_at": TS_JSON, "updated_at": TS_JSON
     })
@@ -223,7 +229,7 @@ async fn clients_update_emits_key_and_changed_detail_columns() {
     let mut new = old.clone();
     new["name"] = json!("Customer B");
     new["email"] = json!("b@example.com");
-    new["balance"] = json!(13.0);
+    new["balance"] = numeric4(13.0);
     new["updated_at"] = json!("2024-03-01T00:00:00+00:00");
     assert_eq!(e.new_row.as_ref(), Some(&new));
 
@@ -408,8 +414,8 @@ async fn clients_balance_zero_and_notzero() {
     // crossing
     let evs = change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await;
     assert_events(&evs, &[("clients.balance_zero", json!(1), json!({}))]);
-    assert_eq!(evs[0].old_row.as_ref().unwrap()["balance"], json!(5.0));
-    assert_eq!(evs[0].new_row.as_ref().unwrap()["balance"], json!(0.0));
+    assert_eq!(evs[0].old_row.as_ref().unwrap()["balance"], numeric4(5.0));
+    assert_eq!(evs[0].new_row.as_ref().unwrap()["balance"], numeric4(0.0));
     assert_eq!(evs[0].operation, "update");
     assert_events(
         &change(c, "UPDATE clients SET balance = -1 WHERE id = 2").await,
@@ -464,7 +470,7 @@ async fn clients_delete_emits_empty_data_with_old_row() {
     c.batch_execute("UPDATE clients SET balance = 12.5 WHERE id = 42")
         .await
         .unwrap();
-    old["balance"] = json!(12.5);
+    old["balance"] = numeric4(12.5);
     let evs = change(c, "DELETE FROM clients WHERE id = 42").await;
     assert_events(&evs, &[("clients.delete", json!(42), json!({}))]);
     assert_eq!(evs[0].operation, "delete");

@@ -26,6 +26,23 @@ pub fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
         .map_err(DbError::BadUrl)
 }
 
+/// `url` (postgres://…/db?params) with its database name replaced by `db`.
+pub fn url_with_db(url: &str, db: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
 /// The password-free form of a connection string, for logs and messages.
 pub fn redact_url(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
@@ -85,6 +102,32 @@ pub fn make_pool(url: &str, size: usize, application_name: &str) -> Result<Pool,
 }
 
 /// Wait until the database answers, retrying with backoff and saying so; gives up after `max_wait`.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            url_with_db("postgres://u@h:5432/a", "b"),
+            "postgres://u@h:5432/b"
+        );
+        assert_eq!(
+            url_with_db("postgres://u@h/a?sslmode=disable", "b"),
+            "postgres://u@h/b?sslmode=disable"
+        );
+        assert_eq!(url_with_db("postgres://u@h", "b"), "postgres://u@h/b");
+        assert_eq!(
+            redact_url("postgres://u:secret@h/a"),
+            "postgres://u:***@h/a"
+        );
+        assert_eq!(
+            redact_url("host=h password=secret dbname=a"),
+            "host=h password=*** dbname=a"
+        );
+    }
+}
+
 pub async fn wait_for_database(pool: &Pool, url: &str, max_wait: Duration) -> Result<(), DbError> {
     let redacted = redact_url(url);
     let attempt = || async { pool.get().await.map(|_| ()) };

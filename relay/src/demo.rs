@@ -269,7 +269,7 @@ pub async fn run(
             .with_context(|| {
                 format!("cannot create the demo database {name} (the demo needs CREATEDB)")
             })?;
-        let url = replace_db(&base.database_url, &name);
+        let url = crate::db::url_with_db(&base.database_url, &name);
         dropper = Some((base.database_url.clone(), name));
         println!(
             "Using a throwaway database on {}",
@@ -306,22 +306,6 @@ pub async fn run(
         println!("Stopped PostgreSQL and removed {}", dir.display());
     }
     result
-}
-
-fn replace_db(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match head[scheme_end..].find('/') {
-        Some(i) => &head[..scheme_end + i],
-        None => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
 }
 
 async fn demo_body(

@@ -14,19 +14,7 @@ pub fn base_url() -> String {
 
 /// `url` with its database name replaced by `db`.
 pub fn url_with_db(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match head[scheme_end..].find('/') {
-        Some(i) => &head[..scheme_end + i],
-        None => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
+    relay::db::url_with_db(url, db)
 }
 
 pub async fn connect(url: &str) -> Client {

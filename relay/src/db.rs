@@ -102,6 +102,25 @@ pub fn make_pool(url: &str, size: usize, application_name: &str) -> Result<Pool,
 }
 
 /// Wait until the database answers, retrying with backoff and saying so; gives up after `max_wait`.
+pub async fn wait_for_database(pool: &Pool, url: &str, max_wait: Duration) -> Result<(), DbError> {
+    let redacted = redact_url(url);
+    let attempt = || async { pool.get().await.map(|_| ()) };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(max_wait))
+                .without_max_times()
+                .with_jitter(),
+        )
+        .notify(|e, next| {
+            tracing::warn!(database = %redacted, error = %e, "database unreachable; retrying in {:?}", next);
+        })
+        .await
+        .map_err(DbError::Unreachable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,23 +145,4 @@ mod tests {
             "host=h password=*** dbname=a"
         );
     }
-}
-
-pub async fn wait_for_database(pool: &Pool, url: &str, max_wait: Duration) -> Result<(), DbError> {
-    let redacted = redact_url(url);
-    let attempt = || async { pool.get().await.map(|_| ()) };
-    attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(5))
-                .with_total_delay(Some(max_wait))
-                .without_max_times()
-                .with_jitter(),
-        )
-        .notify(|e, next| {
-            tracing::warn!(database = %redacted, error = %e, "database unreachable; retrying in {:?}", next);
-        })
-        .await
-        .map_err(DbError::Unreachable)
 }

@@ -73,8 +73,10 @@ pub fn redact_url(url: &str) -> String {
         .join(" ")
 }
 
-/// A pool whose connections run relay transactions with `synchronous_commit = off`: a claim or an
-/// acknowledgement lost in a crash only means a redelivery, never a lost event.
+/// A pool whose connections run relay transactions with `synchronous_commit = off`: a claim lost in
+/// a crash only means a redelivery, never a lost event. Completions switch back to a synchronous
+/// commit (`Store::complete`): an acknowledgement lost after the object's next event was sent
+/// would be redelivered after it, out of order.
 pub fn make_pool(url: &str, size: usize, application_name: &str) -> Result<Pool, DbError> {
     let mut cfg = parse_config(url)?;
     cfg.application_name(application_name);

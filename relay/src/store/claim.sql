@@ -11,13 +11,17 @@ WITH candidates AS (
          WHERE d.handler_id = h.handler_id
            AND d.status = 'pending'
            AND d.next_attempt_at <= now()
-           AND NOT EXISTS (
-                SELECT 1 FROM provisioning.deliveries e
+           -- Only the head of its object's queue: the oldest unfinished delivery of this handler
+           -- and object. A scalar subquery is one index probe per candidate (it cannot turn into
+           -- a hash anti-join, which made a long backlog of one object quadratic).
+           AND d.id = (
+                SELECT e.id FROM provisioning.deliveries e
                  WHERE e.handler_id = d.handler_id
                    AND e.entity = d.entity
                    AND e.object_key = d.object_key
-                   AND e.id < d.id
-                   AND e.status IN ('waiting', 'pending', 'running'))
+                   AND e.status IN ('waiting', 'pending', 'running')
+                 ORDER BY e.id
+                 LIMIT 1)
            AND NOT EXISTS (
                 -- an earlier event of this object still has its before-stage decision pending
                 SELECT 1 FROM provisioning.deliveries b

@@ -695,9 +695,10 @@ async fn refresh_handlers(
     }
 }
 
-/// Heartbeat and lease recovery.
+/// Heartbeat, lease recovery, and outbox vacuuming where autovacuum does not keep up.
 async fn maintain(store: Store, wake: Arc<Notify>, interval: Duration, stop: CancellationToken) {
     let mut last_heartbeat = Instant::now();
+    let mut last_vacuum_check = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -710,6 +711,12 @@ async fn maintain(store: Store, wake: Arc<Notify>, interval: Duration, stop: Can
                 wake.notify_one();
             }
             Err(e) => tracing::warn!(error = %e, "lease recovery failed"),
+        }
+        if last_vacuum_check.elapsed() >= Duration::from_secs(10) {
+            last_vacuum_check = Instant::now();
+            if let Err(e) = store.vacuum_if_bloated().await {
+                tracing::warn!(error = %e, "vacuuming the outbox failed");
+            }
         }
         if last_heartbeat.elapsed() >= Duration::from_secs(5) {
             last_heartbeat = Instant::now();

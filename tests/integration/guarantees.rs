@@ -1679,3 +1679,40 @@ async fn a_relay_whose_claim_was_taken_over_cannot_complete_it() {
     );
     relay.stop().await;
 }
+
+/// Dead tuples in the queue stay bounded even where autovacuum is off or lagging: the relay
+/// vacuums the outbox itself once they pile up.
+#[tokio::test]
+async fn the_relay_keeps_the_outbox_vacuumed() {
+    let db = TestDb::vcs().await;
+    db.client
+        .batch_execute(
+            "INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key)
+             SELECT g, 1, 'after', 100, 'clients', g::text FROM generate_series(1, 30000) g;
+             DELETE FROM provisioning.deliveries;",
+        )
+        .await
+        .unwrap();
+    let dead = || async {
+        db.client
+            .query_one(
+                "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'provisioning.deliveries'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the deletes counted as dead tuples",
+        || async { (dead().await >= 20_000).then_some(()) },
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+    eventually(Duration::from_secs(60), "the outbox vacuumed", || async {
+        (dead().await < 1_000).then_some(())
+    })
+    .await;
+    relay.stop().await;
+}

@@ -349,6 +349,54 @@ impl Store {
         Ok(())
     }
 
+    /// Queue hygiene: every delivery leaves dead tuples behind (claim update, delete). Autovacuum
+    /// normally removes them (the tables are tuned for it); where it is off or lagging, the relay
+    /// vacuums the outbox tables itself once dead tuples pile up — one relay at a time (advisory
+    /// lock), and only if its role owns them. Returns the tables vacuumed, or an explanation of why
+    /// it could not.
+    pub async fn vacuum_if_bloated(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT c.relname::text, s.n_dead_tup, s.n_live_tup,
+                        pg_has_role(current_user, c.relowner, 'USAGE') AS may_vacuum
+                   FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+                  WHERE s.schemaname = 'provisioning' AND s.relname IN ('deliveries', 'events', 'attempts')
+                    AND s.n_dead_tup > 20000 AND s.n_dead_tup > s.n_live_tup / 5",
+                &[],
+            )
+            .await?;
+        let mut done = Vec::new();
+        for r in rows {
+            let table: String = r.get(0);
+            let dead: i64 = r.get(1);
+            if !r.get::<_, bool>(3) {
+                tracing::warn!(
+                    table = %table, dead_tuples = dead,
+                    "provisioning.{table} is bloating and this relay's role may not vacuum it: enable autovacuum (the tables are tuned for it) or vacuum it from the owner's account"
+                );
+                continue;
+            }
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock(7291850212)", &[])
+                .await?
+                .get(0);
+            if !locked {
+                break; // another relay is at it
+            }
+            let result = client
+                .batch_execute(&format!("VACUUM (ANALYZE) provisioning.{table}"))
+                .await;
+            client
+                .execute("SELECT pg_advisory_unlock(7291850212)", &[])
+                .await?;
+            result?;
+            tracing::info!(table = %table, dead_tuples = dead, "vacuumed the outbox table (autovacuum is off or lagging)");
+            done.push(table);
+        }
+        Ok(done)
+    }
+
     /// A handler answered 410 Gone: pause it, saying why.
     pub async fn pause_handler(&self, handler_id: i64, reason: &str) -> Result<(), StoreError> {
         let client = self.pool.get().await?;

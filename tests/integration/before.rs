@@ -126,15 +126,17 @@ async fn jerasoft_prefix_script_modifies_the_new_client() {
     let logged: i64 = count(&db.client, "SELECT count(*) FROM provisioning.attempts WHERE handler_name = 'prefix' AND outcome = 'success' AND response LIKE '%testprefix%'").await;
     assert_eq!(logged, 1);
     // Re-sending the delivery later carries the modified data too.
-    let delivery: i64 = db
-        .client
-        .query_one(
-            "SELECT delivery_id FROM provisioning.attempts WHERE handler_name = 'crm'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let delivery: i64 = eventually(WAIT, "the after-stage attempt logged", || async {
+        db.client
+            .query_opt(
+                "SELECT delivery_id FROM provisioning.attempts WHERE handler_name = 'crm'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i64>(0))
+    })
+    .await;
     relay::ops::queries::retry(&db.client, delivery)
         .await
         .unwrap();

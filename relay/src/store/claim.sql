@@ -5,6 +5,9 @@
 WITH candidates AS (
     SELECT c.id, h.lease_ms
       FROM unnest($1::bigint[], $2::int[], $5::int[]) AS h(handler_id, lim, lease_ms)
+      -- The handler's status is checked here too, not only in the relay's cache: a handler paused
+      -- a moment ago (410 Gone, an operator) gets nothing more.
+      JOIN provisioning.handlers hd ON hd.id = h.handler_id AND hd.status = 'enabled'
      CROSS JOIN LATERAL (
         SELECT d.id
           FROM provisioning.deliveries d

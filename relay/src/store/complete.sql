@@ -7,7 +7,8 @@ WITH input AS (
 ), done AS (
     DELETE FROM provisioning.deliveries d
      USING input i
-     WHERE d.id = i.id AND d.lease_token = i.token AND d.status = 'running' AND i.action = 'done'
+     WHERE d.id = ANY ($1::bigint[])   -- index lookups, never a scan of the whole queue
+       AND d.id = i.id AND d.lease_token = i.token AND d.status = 'running' AND i.action = 'done'
  RETURNING d.id
 ), other AS (
     UPDATE provisioning.deliveries d
@@ -18,7 +19,8 @@ WITH input AS (
            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
            updated_at = now()
       FROM input i
-     WHERE d.id = i.id AND d.lease_token = i.token AND d.status = 'running' AND i.action <> 'done'
+     WHERE d.id = ANY ($1::bigint[])
+       AND d.id = i.id AND d.lease_token = i.token AND d.status = 'running' AND i.action <> 'done'
  RETURNING d.id
 )
 SELECT id FROM done UNION ALL SELECT id FROM other

@@ -169,6 +169,8 @@ enum Backlog {
 static START: OnceLock<Instant> = OnceLock::new();
 /// The bench database's name: its backends are told apart from the server's other processes.
 static BENCH_DB: OnceLock<String> = OnceLock::new();
+/// Set when the bench drops its database: its connections then end on purpose.
+static CLOSING: AtomicBool = AtomicBool::new(false);
 
 macro_rules! say {
     ($($arg:tt)*) => {{
@@ -578,7 +580,9 @@ async fn connect_named(url: &str, application_name: &str) -> Result<Client> {
         .with_context(|| format!("cannot connect to {}", relay::db::redact_url(url)))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            eprintln!("database connection closed: {e}");
+            if !CLOSING.load(Relaxed) {
+                eprintln!("database connection closed: {e}");
+            }
         }
     });
     Ok(client)
@@ -1283,6 +1287,9 @@ struct PgbenchRun {
     events: i64,
     backlog_after: i64,
     drained_secs: Option<f64>,
+    /// WAL written during the run per pgbench transaction (by everybody on the server).
+    wal_per_xact: f64,
+    relay_running: bool,
     cpu: String,
     waits: String,
 }
@@ -1317,6 +1324,10 @@ async fn pgbench_run(
     }
     checkpoint(db).await;
     let events_before = count(db, "SELECT coalesce(max(id), 0) FROM provisioning.events").await?;
+    let wal_before: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
     let received_before = recv.count.load(Relaxed);
     let child = tokio::process::Command::new(&args.pgbench)
         .arg("-n")
@@ -1367,6 +1378,13 @@ async fn pgbench_run(
         .unwrap_or(0);
     let events =
         count(db, "SELECT coalesce(max(id), 0) FROM provisioning.events").await? - events_before;
+    let wal: f64 = db
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+            &[&wal_before],
+        )
+        .await?
+        .get(0);
     let backlog_after = count(db, "SELECT count(*) FROM provisioning.deliveries").await?;
     let mut drained_secs = None;
     if captured && relay_pid.is_some() {
@@ -1392,6 +1410,8 @@ async fn pgbench_run(
         events,
         backlog_after,
         drained_secs,
+        wal_per_xact: wal / xacts.max(1) as f64,
+        relay_running: relay_pid.is_some(),
         cpu: cpu_split(&cpu0, &cpu1, relay_pid),
         waits,
     })
@@ -1495,6 +1515,7 @@ async fn main() -> Result<()> {
     let admin = connect(&args.database_url).await?;
     let url = url_with_db(&args.database_url, &args.db_name);
     let result = run(&args, &bin, &admin, &url).await;
+    CLOSING.store(true, Relaxed);
     if args.keep_db {
         say!("keeping database {} (--keep-db)", args.db_name);
     } else if let Err(e) = admin
@@ -1877,16 +1898,24 @@ async fn run(args: &Args, bin: &Path, admin: &Client, url: &str) -> Result<()> {
                 .await?;
                 let l = if captured {
                     format!(
-                        "(e) captured: tps {:.0}, {} updates, {} events captured ({:.2} % of updates), backlog right after {} -> empty after {}",
+                        "(e) captured: tps {:.0}, {} updates, {} events captured ({:.2} % of updates), {:.0} WAL bytes per update (server-wide), backlog right after {} -> {}",
                         r.tps,
                         r.xacts,
                         r.events,
                         100.0 * r.events as f64 / r.xacts.max(1) as f64,
+                        r.wal_per_xact,
                         r.backlog_after,
-                        r.drained_secs.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "NOT within 60 s".into())
+                        match (r.relay_running, r.drained_secs) {
+                            (false, _) => "kept (relay stopped)".to_string(),
+                            (true, Some(s)) => format!("empty after {s:.2} s"),
+                            (true, None) => "NOT empty within 60 s".to_string(),
+                        }
                     )
                 } else {
-                    format!("(e) plain:    tps {:.0}, {} updates", r.tps, r.xacts)
+                    format!(
+                        "(e) plain:    tps {:.0}, {} updates, {:.0} WAL bytes per update (server-wide)",
+                        r.tps, r.xacts, r.wal_per_xact
+                    )
                 };
                 let waits = format!("(e)   pgbench waits: {}", r.waits);
                 let cpu = format!("(e)   {}", r.cpu);

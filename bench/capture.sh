@@ -20,7 +20,9 @@
 #                 statement, no network, no commit — on both databases, 5 times each, alternating;
 #                 reported as backend CPU time (robust against a busy machine) and wall time
 #   VARIANT       name of an experiment applied to the "on" database after installing, from
-#                 bench/capture_variant_<VARIANT>.sql (e.g. VARIANT=suppress_in_function); default none
+#                 bench/capture_variant_<VARIANT>.sql; default none. Available: suppress_in_function
+#                 (suppress flag checked in capture(), not in every WHEN), dispatch (one generated
+#                 trigger function per table and operation instead of one WHEN trigger per event)
 #
 # What it does: two databases with the same `clients` table (sql/vcs/tables.sql) and the same data
 # (ROWS clients, balances uniformly spread over -50..50, a fixed random seed):
@@ -36,7 +38,7 @@
 # The load average is printed before and after: on a shared machine, treat a high one with care.
 # When the server runs on this machine (its postmaster visible in /proc), the script also reports
 # the server CPU time per update (backends' user+system time, collected by the postmaster when they
-# exit): unlike TPS, that figure hardly moves when other processes compete for the CPU or the disk.
+# exit): it moves much less than TPS when other processes compete for the CPU or the disk.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -80,7 +80,9 @@ pub fn redact_url(url: &str) -> String {
 pub fn make_pool(url: &str, size: usize, application_name: &str) -> Result<Pool, DbError> {
     let mut cfg = parse_config(url)?;
     cfg.application_name(application_name);
-    cfg.options("-c synchronous_commit=off");
+    // JIT compilation of the claim statement (its estimated cost crosses jit_above_cost on a big
+    // backlog) cost more than the query itself: measured 255 vs 5,514 deliveries/s on a 1M drain.
+    cfg.options("-c synchronous_commit=off -c jit=off");
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(5));
     }

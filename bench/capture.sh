@@ -20,9 +20,7 @@
 #                 statement, no network, no commit — on both databases, 5 times each, alternating;
 #                 reported as backend CPU time (robust against a busy machine) and wall time
 #   VARIANT       name of an experiment applied to the "on" database after installing, from
-#                 bench/capture_variant_<VARIANT>.sql; default none. Available: suppress_in_function
-#                 (suppress flag checked in capture(), not in every WHEN), dispatch (one generated
-#                 trigger function per table and operation instead of one WHEN trigger per event)
+#                 bench/capture_variant_<VARIANT>.sql (write one to try a change); default none
 #
 # What it does: two databases with the same `clients` table (sql/vcs/tables.sql) and the same data
 # (ROWS clients, balances uniformly spread over -50..50, a fixed random seed):
@@ -220,7 +218,7 @@ if [[ $MICRO == 1 ]]; then
     echo "server-side cost of one single-row UPDATE statement (no network, no commit; median of 5 x 20000)"
     printf '%-30s %-5s %12s %12s %14s\n' "" "" "no capture" "capture" "capture cost"
     for what in quiet emit; do
-        label="no event (WHEN clauses only)"
+        label="no event fires"
         [[ $what == emit ]] && label="every update emits one event"
         for kind in cpu wall; do
             if [[ $kind == cpu ]]; then a=$(median "${CPU[off,$what]}"); b=$(median "${CPU[on,$what]}")

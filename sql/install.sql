@@ -46,17 +46,19 @@ CREATE TABLE IF NOT EXISTS provisioning.captures (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per event. The trigger for it is generated from this row by provisioning.declare_event().
+-- One row per event and operation. provisioning.declare_event() writes it and regenerates the
+-- table's capture trigger for that operation from all its rows.
 CREATE TABLE IF NOT EXISTS provisioning.capture_events (
     event           text NOT NULL,
     relation        text NOT NULL REFERENCES provisioning.captures (relation) ON DELETE CASCADE,
     operation       text NOT NULL,
     condition       text,                    -- SQL boolean over old.* / new.*; NULL = always
+    compiled_condition text,                 -- the condition as checked and deparsed at declaration
     data_shape      text NOT NULL,           -- row | changed | json_keys | empty
     json_column     text,                    -- for data_shape = json_keys
     exclude_columns text[] NOT NULL DEFAULT '{}',  -- for data_shape = changed: not "changes"
     position        int NOT NULL,            -- order of events emitted by one row change
-    trigger_name    text NOT NULL,
+    trigger_name    text NOT NULL,           -- the table's capture trigger (one per operation)
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- one event name may fire from several operations (e.g. subscriptions.close on update and delete)
     PRIMARY KEY (event, operation),
@@ -235,6 +237,7 @@ CREATE TABLE IF NOT EXISTS provisioning.events (
     decided_data    jsonb
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
 ALTER TABLE provisioning.events ADD COLUMN IF NOT EXISTS decided_data jsonb;
+ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS compiled_condition text;
 CREATE INDEX IF NOT EXISTS events_changed_at ON provisioning.events USING brin (changed_at);
 
 -- The work queue. Succeeded deliveries are deleted (their record lives on in provisioning.attempts),
@@ -310,91 +313,90 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 );
 
 ------------------------------------------------------------------------------------------------------
--- Capture: the generic trigger function. Everything row-specific comes in as trigger arguments
--- fixed at declaration time; the event's condition is the trigger's WHEN clause, evaluated by the
--- executor without entering PL/pgSQL. No dynamic SQL runs per row.
+-- Capture. For every watched table and operation, declare_event() generates ONE trigger
+-- (prov_capture_insert / _update / _delete) and its own PL/pgSQL function, rebuilt from
+-- provisioning.capture_events whenever a declaration changes:
 --
--- TG_ARGV: 0 event, 1 entity, 2 key column, 3 data shape, 4 json column ('' if none),
---          5 excluded columns as a text[] literal
+--   IF <suppress flag set> THEN RETURN; END IF;
+--   IF <condition of the first event> THEN emit(first event, ...); END IF;    -- in position order
+--   IF <condition of the second event> THEN emit(second event, ...); END IF;
+--
+-- Why one generated function rather than one WHEN trigger per event: PostgreSQL re-reads and
+-- prepares every trigger's WHEN clause for every statement, which cost each single-row UPDATE of
+-- `clients` ~40 us with the 5 update events of the VCS preset; PL/pgSQL keeps the compiled IF
+-- expressions for the session. The conditions are static code (no dynamic SQL per row), checked at
+-- declaration time by the SQL parser (a throwaway WHEN trigger) and stored deparsed with
+-- schema-qualified names, so they mean the same whatever the search_path of the writer.
+--
+-- Both the generated functions and emit() are SECURITY DEFINER: application roles that change
+-- captured tables need no privileges on the provisioning schema, and nobody but the generated
+-- triggers can call emit() (EXECUTE is revoked from PUBLIC). See the generated body for how the
+-- conditions are kept safe from a writer's search_path.
 ------------------------------------------------------------------------------------------------------
 
--- SECURITY DEFINER: application roles that change captured tables need no privileges on the
--- provisioning schema; the fixed search_path keeps a caller's search_path from hijacking it.
-CREATE OR REPLACE FUNCTION provisioning.capture() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+-- Write one event and its deliveries. The arguments are fixed at declaration time (literals in the
+-- generated function) except the row images.
+CREATE OR REPLACE FUNCTION provisioning.emit(
+    p_event text, p_entity text, p_key_column text, p_shape text, p_json_column text, p_exclude text[],
+    p_operation text, p_old jsonb, p_new jsonb, p_relation text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    v_event  text := TG_ARGV[0];
-    v_shape  text := TG_ARGV[3];
-    v_old    jsonb;
-    v_new    jsonb;
-    v_row    jsonb;
-    v_key    jsonb;
+    v_row    jsonb := coalesce(p_new, p_old);
+    v_key    jsonb := v_row -> p_key_column;
     v_data   jsonb;
-    v_excl   text[];
-    v_jcol   text;
     v_id     bigint;
-    v_op     text := lower(TG_OP);
-    v_has_before boolean;
+    v_fanned int;
 BEGIN
-    IF TG_OP <> 'INSERT' THEN v_old := to_jsonb(OLD); END IF;
-    IF TG_OP <> 'DELETE' THEN v_new := to_jsonb(NEW); END IF;
-    v_row := coalesce(v_new, v_old);
-    v_key := v_row -> TG_ARGV[2];
-
-    IF v_shape = 'row' THEN
+    IF p_shape = 'row' THEN
         v_data := v_row;
-    ELSIF v_shape = 'empty' OR TG_OP <> 'UPDATE' THEN
+    ELSIF p_shape = 'empty' OR p_operation <> 'update' THEN
         v_data := '{}'::jsonb;
-    ELSIF v_shape = 'changed' THEN
-        v_excl := TG_ARGV[5]::text[];
-        SELECT jsonb_build_object(TG_ARGV[2], v_key) || coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
+    ELSIF p_shape = 'changed' THEN
+        SELECT jsonb_build_object(p_key_column, v_key) || coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
           INTO v_data
-          FROM jsonb_each(v_new) n
-         WHERE n.value IS DISTINCT FROM v_old -> n.key
-           AND NOT (n.key = ANY (v_excl));
+          FROM jsonb_each(p_new) n
+         WHERE n.value IS DISTINCT FROM p_old -> n.key
+           AND NOT (n.key = ANY (p_exclude));
     ELSE -- json_keys: key + {json_column: {changed key: new value or null when removed}}
-        v_jcol := TG_ARGV[4];
-        SELECT jsonb_build_object(TG_ARGV[2], v_key, v_jcol, coalesce(jsonb_object_agg(k.key, v_new -> v_jcol -> k.key), '{}'::jsonb))
+        SELECT jsonb_build_object(p_key_column, v_key, p_json_column,
+                                  coalesce(jsonb_object_agg(k.key, p_new -> p_json_column -> k.key), '{}'::jsonb))
           INTO v_data
-          FROM (SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(v_new -> v_jcol) = 'object' THEN v_new -> v_jcol ELSE '{}' END) AS key
+          FROM (SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(p_new -> p_json_column) = 'object' THEN p_new -> p_json_column ELSE '{}' END) AS key
                 UNION
-                SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(v_old -> v_jcol) = 'object' THEN v_old -> v_jcol ELSE '{}' END)) k
-         WHERE (v_new -> v_jcol -> k.key) IS DISTINCT FROM (v_old -> v_jcol -> k.key);
+                SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(p_old -> p_json_column) = 'object' THEN p_old -> p_json_column ELSE '{}' END)) k
+         WHERE (p_new -> p_json_column -> k.key) IS DISTINCT FROM (p_old -> p_json_column -> k.key);
     END IF;
 
     INSERT INTO provisioning.events (name, entity, object_id, operation, data, old_row, new_row, relation)
-    VALUES (v_event, TG_ARGV[1], coalesce(v_key, 'null'::jsonb), v_op, v_data, v_old, v_new,
-            quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME))
+    VALUES (p_event, p_entity, coalesce(v_key, 'null'::jsonb), p_operation, v_data, p_old, p_new, p_relation)
     RETURNING id INTO v_id;
 
-    -- Fan out to subscribed handlers. Paused handlers hold their deliveries; disabled and archived
-    -- handlers get none. If a before-stage handler subscribes, only the first before-stage delivery
-    -- is claimable; the rest of the chain and every after-stage delivery wait for its decision.
-    SELECT bool_or(h.stage = 'before') INTO v_has_before
-      FROM provisioning.handlers h
-     WHERE h.status IN ('enabled', 'paused')
-       AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, v_event));
+    -- Fan out to subscribed handlers, in one pass. Paused handlers hold their deliveries; disabled
+    -- and archived handlers get none. If a before-stage handler subscribes, only the first
+    -- before-stage delivery is claimable; the rest of the chain and every after-stage delivery wait
+    -- for its decision.
+    INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)
+    SELECT v_id, s.id, s.stage, s.priority, p_entity, coalesce(v_key #>> '{}', ''),
+           CASE WHEN NOT s.chain THEN 'pending'
+                WHEN s.stage = 'before' AND s.rank = 1 THEN 'pending'
+                ELSE 'waiting' END
+      FROM (SELECT h.id, h.stage, h.priority,
+                   bool_or(h.stage = 'before') OVER () AS chain,
+                   row_number() OVER (PARTITION BY h.stage ORDER BY h.priority, h.id) AS rank
+              FROM provisioning.handlers h
+             WHERE h.status IN ('enabled', 'paused')
+               AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, p_event))) s
+     ORDER BY s.priority, s.id;
+    GET DIAGNOSTICS v_fanned = ROW_COUNT;
 
-    IF v_has_before IS NOT NULL THEN
-        INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)
-        SELECT v_id, h.id, h.stage, h.priority, TG_ARGV[1], coalesce(v_key #>> '{}', ''),
-               CASE WHEN NOT v_has_before THEN 'pending'
-                    WHEN h.stage = 'before' AND row_number() OVER (PARTITION BY h.stage ORDER BY h.priority, h.id) = 1 THEN 'pending'
-                    ELSE 'waiting' END
-          FROM provisioning.handlers h
-         WHERE h.status IN ('enabled', 'paused')
-           AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, v_event))
-         ORDER BY h.priority, h.id;
-
-        -- Ring the doorbell only if a relay sleeps (one folded NOTIFY per transaction at most).
-        -- (a relay killed while asleep stops counting once its heartbeat is a minute old)
-        IF EXISTS (SELECT 1 FROM provisioning.relays WHERE sleeping AND heartbeat_at > now() - interval '1 minute') THEN
-            PERFORM pg_notify('provisioning_events', '');
-        END IF;
+    -- Ring the doorbell only if a relay sleeps (one folded NOTIFY per transaction at most).
+    -- (a relay killed while asleep stops counting once its heartbeat is a minute old)
+    IF v_fanned > 0 AND EXISTS (SELECT 1 FROM provisioning.relays WHERE sleeping AND heartbeat_at > now() - interval '1 minute') THEN
+        PERFORM pg_notify('provisioning_events', '');
     END IF;
-    RETURN NULL;
 END
 $fn$;
+REVOKE ALL ON FUNCTION provisioning.emit(text, text, text, text, text, text[], text, jsonb, jsonb, text) FROM PUBLIC;
 
 -- How captures, capture_events and events name a table: schema-qualified and quoted, whatever the
 -- search_path (regclass::text would drop the schema when it is on the search_path).
@@ -403,6 +405,163 @@ LANGUAGE sql STABLE AS $fn$
     SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_table
+$fn$;
+
+-- The generated capture function of a table and operation, e.g. provisioning.capture_update_clients_1a2b3c4d
+-- (the hash tells apart tables of the same name in different schemas).
+CREATE OR REPLACE FUNCTION provisioning.capture_function(p_relation text, p_operation text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT format('capture_%s_%s_%s', p_operation,
+                  left(trim(both '_' from regexp_replace(lower(p_relation), '^.*\.|[^a-z0-9_]+', '_', 'g')), 30),
+                  left(md5(p_relation), 8))
+$fn$;
+
+-- Target of the throwaway triggers that check conditions; never fires.
+CREATE OR REPLACE FUNCTION provisioning.condition_check() RETURNS trigger
+LANGUAGE plpgsql AS $fn$ BEGIN RETURN NULL; END $fn$;
+
+-- Check a condition the way PostgreSQL checks a trigger's WHEN clause (syntax, columns, types,
+-- boolean result, no old.* on insert, no new.* on delete), resolved with the caller's search_path,
+-- and return it deparsed with every name it needs schema-qualified. Raises 'event <name>: ...'.
+CREATE OR REPLACE FUNCTION provisioning.compile_condition(p_event text, p_table regclass, p_operation text, p_condition text)
+RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_oid oid;
+    v_def text;
+BEGIN
+    BEGIN
+        EXECUTE format('CREATE TRIGGER prov_condition_check AFTER %s ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION provisioning.condition_check()',
+                       upper(p_operation), p_table, p_condition);
+    EXCEPTION WHEN others THEN
+        RAISE EXCEPTION 'event %: invalid condition on %: %', p_event, p_table, SQLERRM
+            USING HINT = 'The condition must be a boolean SQL expression over old.<column> and new.<column> (old is not available for insert, new not for delete).';
+    END;
+    SELECT oid INTO v_oid FROM pg_trigger WHERE tgrelid = p_table AND tgname = 'prov_condition_check';
+    v_def := provisioning.deparse_condition(v_oid);
+    EXECUTE format('DROP TRIGGER prov_condition_check ON %s', p_table);
+    RETURN v_def;
+END
+$fn$;
+
+-- The WHEN clause of a trigger, deparsed with an empty search_path: every name it uses that is not
+-- in pg_catalog comes out schema-qualified.
+CREATE OR REPLACE FUNCTION provisioning.deparse_condition(p_trigger oid) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_def  text := pg_get_triggerdef(p_trigger);
+    v_from int  := position(' FOR EACH ROW WHEN (' IN v_def) + length(' FOR EACH ROW WHEN (');
+    v_tail text := ') EXECUTE FUNCTION provisioning.condition_check()';
+BEGIN
+    IF v_from = length(' FOR EACH ROW WHEN (') OR right(v_def, length(v_tail)) <> v_tail THEN
+        RAISE EXCEPTION 'cannot read back the condition of trigger %: %', p_trigger, v_def;
+    END IF;
+    RETURN substr(v_def, v_from, length(v_def) - length(v_tail) - v_from + 1);
+END
+$fn$;
+
+-- "Something other than the excluded columns changed", for data shape 'changed': one row
+-- comparison over the table's current columns. Types without equality compare as jsonb (json) or
+-- text (xml, geometric types); generated columns are left out.
+CREATE OR REPLACE FUNCTION provisioning.changed_comparison(p_table regclass, p_exclude text[]) RETURNS text
+LANGUAGE sql STABLE AS $fn$
+    SELECT format('ROW(%s) IS DISTINCT FROM ROW(%s)',
+                  string_agg(format(cast_to, 'old.' || quote_ident(attname)), ', ' ORDER BY attnum),
+                  string_agg(format(cast_to, 'new.' || quote_ident(attname)), ', ' ORDER BY attnum))
+      FROM (SELECT attname, attnum,
+                   CASE WHEN atttypid = 'json'::regtype THEN '%s::jsonb'
+                        WHEN atttypid IN ('xml'::regtype, 'point'::regtype, 'line'::regtype, 'lseg'::regtype, 'box'::regtype,
+                                          'path'::regtype, 'polygon'::regtype, 'circle'::regtype) THEN '%s::text'
+                        ELSE '%s' END AS cast_to
+              FROM pg_attribute
+             WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+               AND NOT (attname = ANY (coalesce(p_exclude, '{}')))) cols
+$fn$;
+
+-- (Re)generate the capture function and trigger of one table and operation from its declarations;
+-- drop both when none is left.
+CREATE OR REPLACE FUNCTION provisioning.generate_capture(p_relation text, p_operation text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_table   regclass := to_regclass(p_relation);
+    v_fn      text := provisioning.capture_function(p_relation, p_operation);
+    v_trigger text := 'prov_capture_' || p_operation;
+    v_body    text;
+    v_test    text;
+    v_cond    text;
+    v_changed text;
+    v_images  text;
+    e         record;
+BEGIN
+    IF v_table IS NULL THEN
+        EXECUTE format('DROP FUNCTION IF EXISTS provisioning.%I() CASCADE', v_fn);
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM provisioning.capture_events WHERE relation = p_relation AND operation = p_operation) THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, p_relation);
+        EXECUTE format('DROP FUNCTION IF EXISTS provisioning.%I()', v_fn);
+        RETURN;
+    END IF;
+
+    IF NOT has_function_privilege('provisioning.emit(text, text, text, text, text, text[], text, jsonb, jsonb, text)', 'EXECUTE') THEN
+        RAISE EXCEPTION 'cannot generate the capture trigger of %: role % may not execute provisioning.emit()', p_relation, current_user
+            USING HINT = 'Declare events as the owner of the provisioning schema (the role that ran install.sql).';
+    END IF;
+    -- Everything the generated code names itself is schema-qualified (it runs as the owner).
+    v_body := format(E'-- Generated by provisioning.declare_event() from provisioning.capture_events: events on %s of %s.\n'
+                     '-- Do not edit: declare_event(), drop_event() and refresh() rebuild it.\n'
+                     'DECLARE\n    prov_old jsonb;\n    prov_new jsonb;\n    prov_imaged boolean := false;\n    prov_path text;\n'
+                     'BEGIN\n'
+                     '    -- changes made by the relay (before-stage decisions) emit nothing\n'
+                     '    IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on'' THEN RETURN NULL; END IF;\n'
+                     '    -- This function runs as the schema owner, but PL/pgSQL plans the conditions with the\n'
+                     '    -- writer''s search_path. A path that puts any schema before pg_catalog could redefine the\n'
+                     '    -- operators and types they use, so such writers get a safe path for this call. (A SET\n'
+                     '    -- clause on the function would do it for every writer, at ~20 us per row.)\n'
+                     '    IF (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) ''pg_catalog'' THEN\n'
+                     '        prov_path := pg_catalog.current_setting(''search_path'');\n'
+                     '        PERFORM pg_catalog.set_config(''search_path'', ''pg_catalog, pg_temp'', true);\n'
+                     '    END IF;\n',
+                     p_operation, p_relation);
+    -- the row images are built once, and only when an event fires
+    v_images := format(E'        IF NOT prov_imaged THEN%s%s prov_imaged := true; END IF;\n',
+                       CASE WHEN p_operation <> 'insert' THEN ' prov_old := pg_catalog.to_jsonb(OLD);' ELSE '' END,
+                       CASE WHEN p_operation <> 'delete' THEN ' prov_new := pg_catalog.to_jsonb(NEW);' ELSE '' END);
+    FOR e IN SELECT ce.*, c.entity, c.key_column
+               FROM provisioning.capture_events ce JOIN provisioning.captures c USING (relation)
+              WHERE ce.relation = p_relation AND ce.operation = p_operation
+              ORDER BY ce.position, ce.event LOOP
+        v_cond := e.compiled_condition;
+        IF e.data_shape = 'changed' THEN
+            v_changed := provisioning.changed_comparison(v_table, e.exclude_columns);
+            IF v_changed IS NULL THEN
+                RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', e.event, p_relation;
+            END IF;
+            v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
+        END IF;
+        -- checked again as a whole: the table may have changed since the declaration (refresh)
+        v_test := NULL;
+        IF v_cond IS NOT NULL THEN
+            v_test := provisioning.compile_condition(e.event, v_table, p_operation, v_cond);
+        END IF;
+        v_body := v_body || format(E'    -- %s (position %s)\n    IF %s THEN\n%s'
+                                   '        PERFORM provisioning.emit(%L, %L, %L, %L, %L, %L, %L, prov_old, prov_new, %L);\n'
+                                   '    END IF;\n',
+                                   e.event, e.position, coalesce(v_test, 'true'), v_images, e.event, e.entity, e.key_column,
+                                   e.data_shape, e.json_column, e.exclude_columns, p_operation, p_relation);
+    END LOOP;
+    v_body := v_body || E'    IF prov_path IS NOT NULL THEN\n'
+                        '        PERFORM pg_catalog.set_config(''search_path'', prov_path, true);\n'
+                        '    END IF;\n    RETURN NULL;\nEND\n';
+
+    -- SECURITY DEFINER without SET search_path: see the search_path guard in the body.
+    EXECUTE format('CREATE OR REPLACE FUNCTION provisioning.%I() RETURNS trigger LANGUAGE plpgsql '
+                   'SECURITY DEFINER AS %L', v_fn, v_body);
+    EXECUTE format('REVOKE ALL ON FUNCTION provisioning.%I() FROM PUBLIC', v_fn);
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v_table AND tgname = v_trigger) THEN
+        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION provisioning.%I()',
+                       v_trigger, upper(p_operation), p_relation, v_fn);
+    END IF;
+END
 $fn$;
 
 -- Attach capture to a table: names the entity (object kind) and the key column.
@@ -420,15 +579,15 @@ BEGIN
     INSERT INTO provisioning.captures (relation, entity, key_column)
     VALUES (provisioning.relation_name(p_table), p_entity, p_key_column)
     ON CONFLICT (relation) DO UPDATE SET entity = EXCLUDED.entity, key_column = EXCLUDED.key_column;
-    -- re-attached with another entity or key: the declared events' triggers carry both as arguments
+    -- re-attached with another entity or key: the generated functions carry both as literals
     IF v_prev.relation IS NOT NULL AND (v_prev.entity, v_prev.key_column) IS DISTINCT FROM (p_entity, p_key_column) THEN
         PERFORM provisioning.refresh(p_table);
     END IF;
 END
 $fn$;
 
--- Declare (or redeclare) one event on an attached table. Generates its trigger; a broken condition,
--- an unknown table or column fails here, naming the event.
+-- Declare (or redeclare) one event on an attached table and regenerate the table's capture
+-- trigger. A broken condition, an unknown table or column fails here, naming the event.
 --   p_operation:  insert | update | delete
 --   p_condition:  SQL over old.<col> / new.<col>, or NULL for "always"
 --   p_data:       row | changed | json_keys | empty
@@ -442,11 +601,10 @@ CREATE OR REPLACE FUNCTION provisioning.declare_event(
 RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
     c        provisioning.captures;
-    v_when   text;
-    v_changed text;
-    v_trig   text;
     v_pos    int;
     v_col    text;
+    v_cond   text := nullif(btrim(p_condition), '');
+    v_compiled text;
     v_old    provisioning.capture_events;
 BEGIN
     IF p_event IS NULL OR p_event !~ '^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+$' THEN
@@ -479,64 +637,35 @@ BEGIN
             RAISE EXCEPTION 'event %: excluded column % does not exist in %', p_event, quote_ident(v_col), p_table;
         END IF;
     END LOOP;
-
-    -- "changed" events fire only when a non-excluded column changed: a row comparison, generated now.
-    IF p_data = 'changed' THEN
-        -- json has no equality operator: compare it as jsonb (as the reported data does)
-        SELECT string_agg(format(CASE WHEN atttypid = 'json'::regtype THEN 'old.%1$I::jsonb' ELSE 'old.%1$I' END, attname), ', ' ORDER BY attnum),
-               string_agg(format(CASE WHEN atttypid = 'json'::regtype THEN 'new.%1$I::jsonb' ELSE 'new.%1$I' END, attname), ', ' ORDER BY attnum)
-          INTO v_changed, v_col
-          FROM pg_attribute
-         WHERE attrelid = p_table AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
-           AND NOT (attname = ANY (coalesce(p_exclude, '{}')));
-        IF v_changed IS NULL THEN
-            RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', p_event, p_table;
-        END IF;
-        v_changed := format('ROW(%s) IS DISTINCT FROM ROW(%s)', v_changed, v_col);
+    IF p_data = 'changed' AND provisioning.changed_comparison(p_table, p_exclude) IS NULL THEN
+        RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', p_event, p_table;
     END IF;
-
-    v_when := 'coalesce(current_setting(''provisioning.suppress'', true), '''') <> ''on''';
-    IF p_condition IS NOT NULL AND btrim(p_condition) <> '' THEN
-        v_when := v_when || ' AND (' || p_condition || ')';
-    END IF;
-    IF v_changed IS NOT NULL THEN
-        v_when := v_when || ' AND ' || v_changed;
+    -- resolved now, with the caller's search_path, and stored deparsed (schema-qualified)
+    IF v_cond IS NOT NULL THEN
+        v_compiled := provisioning.compile_condition(p_event, p_table, p_operation, v_cond);
     END IF;
 
     SELECT * INTO v_old FROM provisioning.capture_events WHERE event = p_event AND operation = p_operation;
-    IF FOUND THEN
-        IF to_regclass(v_old.relation) IS NOT NULL THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_old.trigger_name, v_old.relation);
-        END IF;
-        DELETE FROM provisioning.capture_events WHERE event = p_event AND operation = p_operation;
-    END IF;
+    DELETE FROM provisioning.capture_events WHERE event = p_event AND operation = p_operation;
     IF EXISTS (SELECT 1 FROM provisioning.capture_events WHERE event = p_event AND relation <> c.relation) THEN
         RAISE EXCEPTION 'event %: already declared on another table (%)', p_event,
             (SELECT relation FROM provisioning.capture_events WHERE event = p_event LIMIT 1);
     END IF;
     v_pos := coalesce(p_position, v_old.position,
                       (SELECT coalesce(max(position), 0) + 10 FROM provisioning.capture_events WHERE relation = c.relation));
-    -- Triggers of one table fire in name order: the zero-padded position makes that the documented order.
-    v_trig := format('prov_%s_%s_%s', lpad(v_pos::text, 4, '0'), p_event, p_operation);
-    IF length(v_trig) > 63 THEN
-        v_trig := left(v_trig, 54) || '_' || left(md5(p_event || ' ' || p_operation), 8);
+
+    INSERT INTO provisioning.capture_events (event, relation, operation, condition, compiled_condition, data_shape,
+                                             json_column, exclude_columns, position, trigger_name)
+    VALUES (p_event, c.relation, p_operation, v_cond, v_compiled, p_data, p_json_column, coalesce(p_exclude, '{}'),
+            v_pos, 'prov_capture_' || p_operation);
+    PERFORM provisioning.generate_capture(c.relation, p_operation);
+    IF v_old.relation IS NOT NULL AND v_old.relation <> c.relation THEN
+        PERFORM provisioning.generate_capture(v_old.relation, p_operation);
     END IF;
-
-    BEGIN
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION provisioning.capture(%L, %L, %L, %L, %L, %L)',
-                       v_trig, upper(p_operation), p_table, v_when,
-                       p_event, c.entity, c.key_column, p_data, coalesce(p_json_column, ''), coalesce(p_exclude, '{}')::text);
-    EXCEPTION WHEN others THEN
-        RAISE EXCEPTION 'event %: cannot create its trigger on %: %', p_event, p_table, SQLERRM
-            USING HINT = 'Check the condition: it must be a boolean SQL expression over old.<column> and new.<column> (old is not available for insert, new not for delete).';
-    END;
-
-    INSERT INTO provisioning.capture_events (event, relation, operation, condition, data_shape, json_column, exclude_columns, position, trigger_name)
-    VALUES (p_event, c.relation, p_operation, nullif(btrim(p_condition), ''), p_data, p_json_column, coalesce(p_exclude, '{}'), v_pos, v_trig);
 END
 $fn$;
 
--- Remove one event (its trigger goes too).
+-- Remove one event (its table's capture trigger is regenerated without it).
 CREATE OR REPLACE FUNCTION provisioning.drop_event(p_event text) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE e provisioning.capture_events;
@@ -544,36 +673,34 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM provisioning.capture_events WHERE event = p_event) THEN
         RAISE EXCEPTION 'event %: not declared', p_event;
     END IF;
-    FOR e IN SELECT * FROM provisioning.capture_events WHERE event = p_event LOOP
-        IF to_regclass(e.relation) IS NOT NULL THEN
-            EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', e.trigger_name, e.relation);
-        END IF;
+    FOR e IN DELETE FROM provisioning.capture_events WHERE event = p_event RETURNING * LOOP
+        PERFORM provisioning.generate_capture(e.relation, e.operation);
     END LOOP;
-    DELETE FROM provisioning.capture_events WHERE event = p_event;
 END
 $fn$;
 
--- Detach capture from a table: drops all its event triggers. User data is untouched.
+-- Detach capture from a table: drops its capture triggers and functions. User data is untouched.
 CREATE OR REPLACE FUNCTION provisioning.detach(p_table regclass) RETURNS void
 LANGUAGE plpgsql AS $fn$
-DECLARE e record;
+DECLARE v_rel text := provisioning.relation_name(p_table); v_op text;
 BEGIN
-    FOR e IN SELECT DISTINCT event FROM provisioning.capture_events WHERE relation = provisioning.relation_name(p_table) LOOP
-        PERFORM provisioning.drop_event(e.event);
+    DELETE FROM provisioning.capture_events WHERE relation = v_rel;
+    FOREACH v_op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+        PERFORM provisioning.generate_capture(v_rel, v_op);
     END LOOP;
-    DELETE FROM provisioning.captures WHERE relation = provisioning.relation_name(p_table);
+    DELETE FROM provisioning.captures WHERE relation = v_rel;
 END
 $fn$;
 
--- Regenerate the triggers of a table's "changed" events after its columns changed (ALTER TABLE ADD
--- COLUMN): the change comparison lists the columns explicitly, so new columns need this call.
+-- Regenerate a table's capture triggers after its columns changed (ALTER TABLE ADD COLUMN: the
+-- "changed" comparison lists the columns explicitly, so new columns need this call) or after
+-- attach() changed its entity or key.
 CREATE OR REPLACE FUNCTION provisioning.refresh(p_table regclass) RETURNS void
 LANGUAGE plpgsql AS $fn$
-DECLARE e provisioning.capture_events;
+DECLARE v_rel text := provisioning.relation_name(p_table); v_op text;
 BEGIN
-    FOR e IN SELECT * FROM provisioning.capture_events WHERE relation = provisioning.relation_name(p_table) ORDER BY position LOOP
-        PERFORM provisioning.declare_event(e.event, p_table, e.operation, e.condition, e.data_shape,
-                                           e.exclude_columns, e.json_column, e.position);
+    FOREACH v_op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
+        PERFORM provisioning.generate_capture(v_rel, v_op);
     END LOOP;
 END
 $fn$;

@@ -15,13 +15,13 @@ DO $uninstall$
 DECLARE e record;
 BEGIN
     IF to_regclass('provisioning.capture_events') IS NOT NULL THEN
-        FOR e IN SELECT relation, trigger_name FROM provisioning.capture_events LOOP
+        FOR e IN SELECT DISTINCT relation, trigger_name FROM provisioning.capture_events LOOP
             IF to_regclass(e.relation) IS NOT NULL THEN
                 EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', e.trigger_name, e.relation);
             END IF;
         END LOOP;
     END IF;
-    -- Belt and braces: any trigger anywhere that still calls provisioning.capture().
+    -- Belt and braces: any trigger on a user table that still calls a function of the schema.
     FOR e IN SELECT t.tgname, t.tgrelid::regclass AS rel
                FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
                JOIN pg_namespace n ON n.oid = p.pronamespace

@@ -87,7 +87,8 @@ BEGIN
     PERFORM provisioning.declare_event('clients.subscriptions.deactivate', packages, 'update',
         format('new.%1$I IS NOT DISTINCT FROM %2$L AND old.%1$I IS DISTINCT FROM %2$L', p_st, p_inact), 'changed', p_excl, p_position => 30);
     PERFORM provisioning.declare_event('clients.subscriptions.renew', packages, 'update',
-        format('old.%1$I IS NOT DISTINCT FROM %2$L AND new.%1$I IS NOT DISTINCT FROM %2$L AND new.%3$I > old.%3$I', p_st, p_act, p_paid),
+        -- extended: moved later, or set where there was none
+        format('old.%1$I IS NOT DISTINCT FROM %2$L AND new.%1$I IS NOT DISTINCT FROM %2$L AND (new.%3$I > old.%3$I OR (old.%3$I IS NULL AND new.%3$I IS NOT NULL))', p_st, p_act, p_paid),
         'changed', p_excl, p_position => 40);
     PERFORM provisioning.declare_event('clients.subscriptions.close', packages, 'update',
         format('new.%1$I IS NOT DISTINCT FROM %2$L AND old.%1$I IS DISTINCT FROM %2$L', p_st, p_clos), 'empty', p_position => 50);

@@ -676,6 +676,32 @@ async fn subscriptions_lifecycle() {
         &[],
     );
 
+    // a period set where there was none, while active, is a renewal too
+    c.batch_execute("INSERT INTO client_packages (id, client_id, package_name, status, paid_until) VALUES (5, 42, 'Trial', 'active', NULL)")
+        .await
+        .unwrap();
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET paid_until = '2024-03-31' WHERE id = 5",
+        )
+        .await,
+        &[(
+            "clients.subscriptions.renew",
+            json!(5),
+            json!({"id": 5, "paid_until": "2024-03-31"}),
+        )],
+    );
+    // and clearing it is not
+    assert_events(
+        &change(
+            c,
+            "UPDATE client_packages SET paid_until = NULL WHERE id = 5",
+        )
+        .await,
+        &[],
+    );
+
     // close by deleting the row (another package, never closed by status)
     c.batch_execute("INSERT INTO client_packages (id, client_id, package_name, status) VALUES (4, 42, 'Silver', 'active')")
         .await
@@ -1083,7 +1109,7 @@ async fn installing_twice_changes_nothing() {
     assert!(
         before
             .iter()
-            .any(|l| l.starts_with("trigger clients prov_0020_clients.update_update")),
+            .any(|l| l.starts_with("trigger clients prov_capture_update")),
         "{before:#?}"
     );
     assert_eq!(
@@ -1123,7 +1149,8 @@ async fn installing_twice_changes_nothing() {
     );
     assert_eq!(
         count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_%'").await,
-        7
+        3,
+        "one capture trigger per operation"
     );
 
     // capture emits exactly one event per change: no duplicated triggers
@@ -1679,7 +1706,8 @@ async fn declarations_name_tables_the_same_way_whatever_the_search_path() {
     )
     .await
     .expect("declarations work with another search_path");
-    assert_eq!(prov_trigger_count(c).await, triggers + 1);
+    // the table's update trigger is regenerated to check the new event too: no trigger added
+    assert_eq!(prov_trigger_count(c).await, triggers);
     let evs = change(
         c,
         "UPDATE public.clients SET credit = 5000, name = 'rich' WHERE id = 1",
@@ -2008,5 +2036,298 @@ async fn events_reach_only_subscribed_live_handlers() {
     assert_eq!(
         count(c, "SELECT count(*) FROM provisioning.deliveries").await,
         deliveries
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The generated capture code
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn generated_capture_code_is_static_and_one_trigger_per_operation() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let bodies: Vec<(String, String)> = c
+        .query(
+            "SELECT p.proname::text, p.prosrc FROM pg_proc p
+              WHERE p.pronamespace = 'provisioning'::regnamespace AND p.proname LIKE 'capture\\_%\\_%'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // insert, update and delete on each of the three preset tables
+    assert_eq!(bodies.len(), 9, "{bodies:#?}");
+    for (name, body) in &bodies {
+        // no dynamic SQL per row
+        assert!(!body.to_uppercase().contains("EXECUTE"), "{name}:\n{body}");
+        assert!(body.contains("provisioning.suppress"), "{name}:\n{body}");
+    }
+    let update = &bodies
+        .iter()
+        .find(|(n, _)| n.starts_with("capture_update_clients_"))
+        .unwrap()
+        .1;
+    // the events appear in their documented order
+    let positions: Vec<usize> = [
+        "'clients.update'",
+        "'clients.custom_fields.update'",
+        "'clients.balance_zero'",
+        "'clients.balance_notzero'",
+        "'clients.archive'",
+    ]
+    .iter()
+    .map(|e| update.find(e).unwrap_or_else(|| panic!("{e} in\n{update}")))
+    .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{update}");
+
+    // dropping the last event of an operation removes its trigger and function
+    c.batch_execute("SELECT provisioning.drop_event('clients.accounts.delete')")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'accounts'::regclass AND tgname = 'prov_capture_delete'").await,
+        0
+    );
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_delete\\_accounts\\_%'"
+        )
+        .await,
+        0
+    );
+    c.batch_execute("INSERT INTO clients (id, name) VALUES (1, 'one'); INSERT INTO accounts (id, client_id, login) VALUES (1, 1, 'x')")
+        .await
+        .unwrap();
+    assert_events(&change(c, "DELETE FROM accounts WHERE id = 1").await, &[]);
+    // detach removes the rest
+    c.batch_execute("SELECT provisioning.detach('accounts')")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_%\\_accounts\\_%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'accounts'::regclass AND NOT tgisinternal").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn conditions_mean_the_same_whatever_the_writers_search_path() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    // a DBA's helper function, found through the search_path at declaration time
+    c.batch_execute(
+        "CREATE SCHEMA rules;
+         CREATE FUNCTION rules.is_vip(credit numeric) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT credit >= 1000';
+         SET search_path = rules, public;
+         SELECT provisioning.declare_event('clients.vip', 'clients', 'update', 'is_vip(new.credit) AND NOT is_vip(old.credit)', 'empty');
+         RESET search_path;
+         INSERT INTO clients (id, name) VALUES (1, 'one');",
+    )
+    .await
+    .expect("declare with a helper function");
+    let stored: String = c
+        .query_one(
+            "SELECT compiled_condition FROM provisioning.capture_events WHERE event = 'clients.vip'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored.contains("rules.is_vip"), "{stored}");
+
+    // writers whose search_path does not contain `rules` (or anything) still capture
+    let evs = change(
+        c,
+        "SET search_path = pg_catalog; UPDATE public.clients SET credit = 5000 WHERE id = 1; RESET search_path;",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update", "clients.vip"]);
+    // and a look-alike function earlier on a writer's search_path is not picked up
+    c.batch_execute(
+        "CREATE SCHEMA evil;
+         CREATE FUNCTION evil.is_vip(credit numeric) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';",
+    )
+    .await
+    .unwrap();
+    let evs = change(
+        c,
+        "SET search_path = evil, public; UPDATE clients SET name = 'renamed' WHERE id = 1; RESET search_path;",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    // nor an operator that shadows pg_catalog's for a writer who puts their schema first (the
+    // capture code runs as the schema owner: this would be a privilege escalation)
+    c.batch_execute(
+        "CREATE FUNCTION evil.always_equal(numeric, numeric) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE OPERATOR evil.= (LEFTARG = numeric, RIGHTARG = numeric, FUNCTION = evil.always_equal);",
+    )
+    .await
+    .unwrap();
+    let evs = change(
+        c,
+        "SET search_path = evil, pg_catalog, public; UPDATE clients SET credit = 7 WHERE id = 1; RESET search_path;",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    // the writer's search_path is theirs again after the change
+    c.batch_execute("SET search_path = evil, pg_catalog, public")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE clients SET credit = 9 WHERE id = 1")
+        .await
+        .unwrap();
+    let path: String = c
+        .query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(path, "evil, pg_catalog, public");
+    c.batch_execute("RESET search_path").await.unwrap();
+    // a session with temporary tables (pg_temp searched first) captures the same way
+    let evs = change(
+        c,
+        "CREATE TEMP TABLE scratch (a int); UPDATE clients SET credit = 10 WHERE id = 1;",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update"]);
+}
+
+#[tokio::test]
+async fn application_roles_need_no_grants_and_cannot_forge_events() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let role = format!("app_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT SELECT, INSERT, UPDATE, DELETE ON clients TO {role};"
+    ))
+    .await
+    .unwrap();
+    let app = crate::common::connect(&db.url.replacen("postgres@", &format!("{role}@"), 1)).await;
+    app.batch_execute(
+        "INSERT INTO clients (id, name, balance) VALUES (1, 'one', 5);
+         UPDATE clients SET balance = 0 WHERE id = 1;
+         DELETE FROM clients WHERE id = 1;",
+    )
+    .await
+    .expect("an application role with rights on its own table only can change it");
+    assert_eq!(
+        names(&events_since(c, 0).await),
+        ["clients.create", "clients.balance_zero", "clients.delete"]
+    );
+
+    // calling the event writer directly is refused, even with usage on the schema
+    let forge = "SELECT provisioning.emit('clients.delete', 'clients', 'id', 'empty', NULL, '{}', 'delete', '{\"id\": 7}', NULL, 'public.clients')";
+    let err = app.batch_execute(forge).await.expect_err("forged event");
+    assert!(
+        err.to_string().contains("permission denied")
+            || format!("{err:?}").contains("permission denied"),
+        "{err:?}"
+    );
+    c.batch_execute(&format!("GRANT USAGE ON SCHEMA provisioning TO {role}"))
+        .await
+        .unwrap();
+    let err = app.batch_execute(forge).await.expect_err("forged event");
+    assert!(format!("{err:?}").contains("permission denied"), "{err:?}");
+    assert_eq!(
+        count(c, "SELECT count(*) FROM provisioning.events").await,
+        3
+    );
+
+    drop(app);
+    c.batch_execute(&format!(
+        "REVOKE ALL ON SCHEMA provisioning FROM {role}; REVOKE ALL ON clients FROM {role}; DROP ROLE {role};"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn partitioned_tables_report_the_table_not_the_partition() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE calls (id bigint, day date, cost numeric, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE calls_2024 PARTITION OF calls FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE TABLE calls_2025 PARTITION OF calls FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         SELECT provisioning.attach('calls', 'calls', 'id');
+         SELECT provisioning.declare_event('calls.create', 'calls', 'insert', NULL, 'row');
+         SELECT provisioning.declare_event('calls.costly', 'calls', 'update', 'new.cost > 100', 'changed');",
+    )
+    .await
+    .expect("capture on a partitioned table");
+    let evs = change(
+        c,
+        "INSERT INTO calls VALUES (1, '2024-06-01', 5), (2, '2025-06-01', 7)",
+    )
+    .await;
+    assert_eq!(names(&evs), ["calls.create", "calls.create"]);
+    assert!(evs.iter().all(|e| e.relation == "public.calls"), "{evs:#?}");
+    let evs = change(c, "UPDATE calls SET cost = 500 WHERE id = 2").await;
+    assert_events(
+        &evs,
+        &[("calls.costly", json!(2), json!({"id": 2, "cost": 500}))],
+    );
+    assert_eq!(evs[0].relation, "public.calls");
+    // a partition added later is captured too
+    c.batch_execute("CREATE TABLE calls_2023 PARTITION OF calls FOR VALUES FROM ('2023-01-01') TO ('2024-01-01')")
+        .await
+        .unwrap();
+    let evs = change(c, "INSERT INTO calls VALUES (3, '2023-06-01', 1)").await;
+    assert_events(
+        &evs,
+        &[(
+            "calls.create",
+            json!(3),
+            json!({"id": 3, "day": "2023-06-01", "cost": 1}),
+        )],
+    );
+}
+
+#[tokio::test]
+async fn changed_events_on_columns_without_an_equality_operator() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE sites (id int PRIMARY KEY, location point, doc xml, note text);
+         SELECT provisioning.attach('sites', 'sites', 'id');
+         SELECT provisioning.declare_event('sites.update', 'sites', 'update', NULL, 'changed');
+         INSERT INTO sites VALUES (1, '(1,2)', '<a/>', 'n');",
+    )
+    .await
+    .expect("changed event on point and xml columns");
+    let evs = change(c, "UPDATE sites SET location = '(3,4)' WHERE id = 1").await;
+    assert_events(
+        &evs,
+        &[(
+            "sites.update",
+            json!(1),
+            json!({"id": 1, "location": "(3,4)"}),
+        )],
+    );
+    let evs = change(c, "UPDATE sites SET doc = '<b/>' WHERE id = 1").await;
+    assert_events(
+        &evs,
+        &[("sites.update", json!(1), json!({"id": 1, "doc": "<b/>"}))],
+    );
+    assert_events(
+        &change(
+            c,
+            "UPDATE sites SET location = '(3,4)', doc = '<b/>' WHERE id = 1",
+        )
+        .await,
+        &[],
     );
 }

@@ -607,6 +607,65 @@ async fn count(db: &Client, sql: &str) -> Result<i64> {
     Ok(db.query_one(sql, &[]).await?.get(0))
 }
 
+/// Dead tuples of the outbox tables, sampled every second while the relay drains (retention and
+/// bloat: the relay vacuums its queue itself when autovacuum is off or lagging).
+struct DeadTuples {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<HashMap<String, (i64, i64)>>,
+}
+
+const OUTBOX_TABLES: &str =
+    "SELECT relname::text, n_live_tup, n_dead_tup, vacuum_count + autovacuum_count,
+        pg_total_relation_size(relid)
+   FROM pg_stat_user_tables
+  WHERE schemaname = 'provisioning' AND relname IN ('deliveries', 'events', 'attempts')
+  ORDER BY 1";
+
+impl DeadTuples {
+    async fn start(url: &str) -> Result<DeadTuples> {
+        let db = connect_named(url, "relay-bench-stats").await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            // table -> (max dead tuples seen, live tuples at that moment)
+            let mut max: HashMap<String, (i64, i64)> = HashMap::new();
+            loop {
+                if let Ok(rows) = db.query(OUTBOX_TABLES, &[]).await {
+                    for r in rows {
+                        let (name, live, dead): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+                        let e = max.entry(name).or_insert((0, 0));
+                        if dead > e.0 {
+                            *e = (dead, live);
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = stopped.cancelled() => return max,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Ok(DeadTuples { stop, task })
+    }
+
+    /// Report lines: the peak during the drain and the state now.
+    async fn finish(self, db: &Client) -> Result<Vec<String>> {
+        self.stop.cancel();
+        let max = self.task.await?;
+        let mut out = Vec::new();
+        for r in db.query(OUTBOX_TABLES, &[]).await? {
+            let (name, live, dead, vacuums, bytes): (String, i64, i64, i64, i64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            let (peak, live_then) = max.get(&name).copied().unwrap_or((0, 0));
+            out.push(format!(
+                "(a) pg_stat_user_tables provisioning.{name}: peak n_dead_tup during the drain {peak} (n_live_tup then {live_then}); now n_live_tup {live}, n_dead_tup {dead}, vacuums {vacuums}, size {:.1} MiB",
+                bytes as f64 / 1048576.0
+            ));
+        }
+        Ok(out)
+    }
+}
+
 async fn checkpoint(db: &Client) {
     if let Err(e) = db.batch_execute("CHECKPOINT").await {
         say!("(CHECKPOINT failed, continuing: {e})");
@@ -1681,6 +1740,7 @@ async fn run(args: &Args, bin: &Path, admin: &Client, url: &str) -> Result<()> {
     let mut relay: Option<RelayProc> = None;
     let mut sampler: Option<RssSampler> = None;
     let timeout = Duration::from_secs(args.drain_timeout.unwrap_or(120 + args.events / 1000));
+    let dead_tuples = DeadTuples::start(url).await?;
     let d = drain(
         &db,
         &recv,
@@ -1702,6 +1762,12 @@ async fn run(args: &Args, bin: &Path, admin: &Client, url: &str) -> Result<()> {
     say!("(a) {}", d.cpu);
     report.line(l);
     report.line(format!("(a) {}", d.cpu));
+    // the statistics reach pg_stat_user_tables within a second or so
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for l in dead_tuples.finish(&db).await? {
+        say!("{l}");
+        report.line(l);
+    }
     report.check(
         format!("drain >= 10,000 events/s: {drain_rate:.0}/s"),
         drain_rate >= 10_000.0,

@@ -19,6 +19,8 @@ pub struct Config {
     pub log_level: String,
     pub pool_size: u32,
     pub poll_interval_ms: u64,
+    pub busy_poll_interval_ms: u64,
+    pub idle_after_ms: u64,
     pub claim_batch: u32,
     pub max_in_flight: u32,
     pub lease_margin_ms: u64,
@@ -42,6 +44,8 @@ impl Default for Config {
             log_level: "info".into(),
             pool_size: 8,
             poll_interval_ms: 1000,
+            busy_poll_interval_ms: 2,
+            idle_after_ms: 250,
             claim_batch: 500,
             max_in_flight: 2048,
             lease_margin_ms: 30_000,
@@ -213,6 +217,13 @@ impl Config {
         for (key, v, min, max) in [
             ("pool_size", self.pool_size as u64, 2, 1000),
             ("poll_interval_ms", self.poll_interval_ms, 10, 3_600_000),
+            (
+                "busy_poll_interval_ms",
+                self.busy_poll_interval_ms,
+                1,
+                10_000,
+            ),
+            ("idle_after_ms", self.idle_after_ms, 0, 3_600_000),
             ("claim_batch", self.claim_batch as u64, 1, 10_000),
             ("max_in_flight", self.max_in_flight as u64, 1, 100_000),
             ("lease_margin_ms", self.lease_margin_ms, 100, 86_400_000),
@@ -266,6 +277,8 @@ impl Config {
     pub fn worker_options(&self) -> WorkerOptions {
         WorkerOptions {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
+            busy_poll_interval: Duration::from_millis(self.busy_poll_interval_ms),
+            idle_after: Duration::from_millis(self.idle_after_ms),
             claim_batch: self.claim_batch as usize,
             max_in_flight: self.max_in_flight as usize,
             lease_margin: Duration::from_millis(self.lease_margin_ms),

@@ -39,7 +39,7 @@ pub async fn migrate(client: &impl GenericClient) -> Result<(), SchemaError> {
 
 /// Install the VCS preset tables and declare its events with default names.
 pub async fn install_vcs_preset(client: &impl GenericClient) -> Result<(), SchemaError> {
-    let sql = format!("BEGIN;\nSET LOCAL client_min_messages = warning;\n{VCS_TABLES_SQL}\n{VCS_EVENTS_SQL}\nSELECT provisioning.vcs_declare();\nCOMMIT;");
+    let sql = format!("BEGIN;\nSET LOCAL client_min_messages = warning;\nSELECT pg_advisory_xact_lock(7291850211);\n{VCS_TABLES_SQL}\n{VCS_EVENTS_SQL}\nSELECT provisioning.vcs_declare();\nCOMMIT;");
     client.batch_execute(&sql).await.map_err(SchemaError::Apply)
 }
 

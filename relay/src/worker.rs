@@ -1,11 +1,13 @@
 //! The dispatcher: claims due deliveries in batches, runs each on a task of its own (bounded per
 //! handler and in total), and funnels outcomes to a completer that writes them back in batches.
 //!
-//! Waking up: when a claim comes back short, the relay declares itself asleep
-//! (`provisioning.relays.sleeping`), claims once more to close the race, and waits for the doorbell
+//! Waking up: while work keeps arriving (a claim found something within `idle_after`), a short
+//! claim is followed by a short pause (`busy_poll_interval`) and another claim. Only after
+//! `idle_after` without new work does the relay declare itself asleep
+//! (`provisioning.relays.sleeping`), claim once more to close the race, and wait for the doorbell
 //! (a NOTIFY that capture triggers send only while some relay sleeps), a completion, the next due
-//! retry, or the poll timer — whichever comes first. Under load a relay never sleeps, so capture
-//! never pays for NOTIFY's commit-time lock.
+//! retry, or the poll timer — whichever comes first. So under steady traffic, even a light one,
+//! writers never pay for NOTIFY's commit-time lock, and an idle relay still wakes in milliseconds.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +33,10 @@ use crate::store::{Action, AttemptLog, Claimed, Completion, Store, Want};
 pub struct WorkerOptions {
     /// Poll even without a doorbell (the safety net).
     pub poll_interval: Duration,
+    /// While work keeps arriving: the pause between a short claim and the next one.
+    pub busy_poll_interval: Duration,
+    /// Without new work for this long, the relay sleeps and waits for the doorbell.
+    pub idle_after: Duration,
     /// Most deliveries claimed by one statement.
     pub claim_batch: usize,
     /// Most deliveries in flight in this process, over all handlers.
@@ -53,6 +59,8 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             poll_interval: Duration::from_millis(1000),
+            busy_poll_interval: Duration::from_millis(2),
+            idle_after: Duration::from_millis(250),
             claim_batch: 500,
             max_in_flight: 2048,
             lease_margin: Duration::from_secs(30),
@@ -208,6 +216,9 @@ async fn dispatch(
     shutdown: &CancellationToken,
 ) {
     let mut sleeping = false;
+    // when a claim last found work, and the current pause between claims while awake
+    let mut last_work: Option<Instant> = None;
+    let mut busy_pause = options.busy_poll_interval;
     let mut error_backoff = Duration::from_millis(100);
     loop {
         if shutdown.is_cancelled() {
@@ -238,14 +249,32 @@ async fn dispatch(
                 claimed, &snapshot, store, transports, options, shared, done_tx, deliveries,
                 hard_stop,
             );
-        }
-        if requested > 0 && got == requested {
-            // Under load: stay awake, claim again as soon as capacity allows.
+            last_work = Some(Instant::now());
+            busy_pause = options.busy_poll_interval;
+            // Work is flowing: stay awake, so that writers stop ringing the doorbell.
             if sleeping {
                 sleeping = false;
                 if let Err(e) = store.set_sleeping(false).await {
                     tracing::warn!(error = %e, "cannot update relay state");
                 }
+            }
+        }
+        if requested > 0 && got == requested {
+            // Under load: claim again as soon as capacity allows.
+            continue;
+        }
+        if requested > 0 && !sleeping && last_work.is_some_and(|t| t.elapsed() < options.idle_after)
+        {
+            // Recently busy: more work is likely within milliseconds. Poll again shortly rather
+            // than asking every capturing commit for a NOTIFY. Each empty claim doubles the
+            // pause (up to 1/8 of idle_after), so a trickle costs few claims.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(busy_pause) => {}
+            }
+            if got == 0 {
+                busy_pause =
+                    (busy_pause * 2).min((options.idle_after / 8).max(options.busy_poll_interval));
             }
             continue;
         }

@@ -6,6 +6,8 @@
 -- provisioning.vcs_declare(...) with your table and column names (see that file).
 BEGIN;
 SET LOCAL client_min_messages = warning;
+-- the same lock as sql/install.sql: concurrent preset installs run one after the other
+SELECT pg_advisory_xact_lock(7291850211);
 \ir tables.sql
 \ir events.sql
 SELECT provisioning.vcs_declare();

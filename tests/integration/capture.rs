@@ -1205,6 +1205,22 @@ async fn racing_installers_both_succeed() {
         ra.unwrap();
         rb.unwrap();
         assert_eq!(catalog_snapshot(&db.client).await, snap);
+
+        // and so are two preset installs (tables and declarations) racing each other
+        let (ra, rb) = tokio::join!(
+            relay::schema::install_vcs_preset(&a),
+            relay::schema::install_vcs_preset(&b)
+        );
+        ra.unwrap_or_else(|e| panic!("round {round}: first preset install: {e:?}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: second preset install: {e:?}"));
+        assert_eq!(
+            count(
+                &db.client,
+                "SELECT count(*) FROM provisioning.capture_events"
+            )
+            .await,
+            16
+        );
     }
 }
 

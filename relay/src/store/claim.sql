@@ -3,8 +3,8 @@
 -- only by this statement: ownership lives in lease columns, and the claim commits at once.
 -- $3 relay name, $4 claim token, $5[i] lease length in ms for handler $1[i].
 WITH candidates AS (
-    SELECT c.id, h.lease_ms
-      FROM unnest($1::bigint[], $2::int[], $5::int[]) AS h(handler_id, lim, lease_ms)
+    SELECT c.id
+      FROM unnest($1::bigint[], $2::int[]) AS h(handler_id, lim)
       -- The handler's status is checked here too, not only in the relay's cache: a handler paused
       -- a moment ago (410 Gone, an operator) gets nothing more.
       JOIN provisioning.handlers hd ON hd.id = h.handler_id AND hd.status = 'enabled'
@@ -43,14 +43,17 @@ WITH candidates AS (
            attempts = d.attempts + 1,
            lease_owner = $3,
            lease_token = $4,
-           lease_expires_at = now() + c.lease_ms * interval '1 millisecond',
+           lease_expires_at = now() + l.lease_ms * interval '1 millisecond',
            updated_at = now()
-      FROM candidates c
-     WHERE d.id = c.id
+      FROM unnest($1::bigint[], $5::int[]) AS l(handler_id, lease_ms)
+     -- the candidates as an array: primary-key lookups (a join let the planner hash the queue)
+     WHERE d.id = ANY (ARRAY(SELECT id FROM candidates))
+       AND l.handler_id = d.handler_id
  RETURNING d.id, d.event_id, d.handler_id, d.attempts, d.data, d.stage
 )
 SELECT cl.id, cl.handler_id, cl.attempts, cl.stage, cl.data AS modified_data,
        e.id AS event_id, e.name, e.entity, e.object_id, e.operation, e.data, e.old_row, e.new_row, e.changed_at
   FROM claimed cl
-  JOIN provisioning.events e ON e.id = cl.event_id
+  -- one index probe per claimed row, never a hash join over the whole events table
+ CROSS JOIN LATERAL (SELECT * FROM provisioning.events ev WHERE ev.id = cl.event_id LIMIT 1) e
  ORDER BY cl.id

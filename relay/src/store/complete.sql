@@ -7,8 +7,10 @@ WITH input AS (
 ), done AS (
     DELETE FROM provisioning.deliveries d
      USING input i
-     WHERE d.id = ANY ($1::bigint[])   -- index lookups, never a scan of the whole queue
-       AND d.id = i.id AND d.lease_token = i.token AND d.status = 'running' AND i.action = 'done'
+     -- primary-key lookups, never a scan of the whole queue; "IS TRUE" keeps the planner from
+     -- walking the partial index of running deliveries (WHERE status = 'running') per input row
+     WHERE d.id = ANY ($1::bigint[])
+       AND d.id = i.id AND d.lease_token = i.token AND (d.status = 'running') IS TRUE AND i.action = 'done'
  RETURNING d.id
 ), other AS (
     UPDATE provisioning.deliveries d
@@ -20,7 +22,7 @@ WITH input AS (
            updated_at = now()
       FROM input i
      WHERE d.id = ANY ($1::bigint[])
-       AND d.id = i.id AND d.lease_token = i.token AND d.status = 'running' AND i.action <> 'done'
+       AND d.id = i.id AND d.lease_token = i.token AND (d.status = 'running') IS TRUE AND i.action <> 'done'
  RETURNING d.id
 )
 SELECT id FROM done UNION ALL SELECT id FROM other

@@ -82,7 +82,18 @@ pub fn make_pool(url: &str, size: usize, application_name: &str) -> Result<Pool,
     cfg.application_name(application_name);
     // JIT compilation of the claim statement (its estimated cost crosses jit_above_cost on a big
     // backlog) cost more than the query itself: measured 255 vs 5,514 deliveries/s on a 1M drain.
-    cfg.options("-c synchronous_commit=off -c jit=off");
+    // Index probes only: every statement of the relay is built as "a few hundred ids, each looked
+    // up by index", and the queue's statistics are stale by nature (it goes from empty to a
+    // million rows and back between two ANALYZEs). Planned as "nearly empty", a claim scanned the
+    // whole queue once per candidate (740 ms per claim; the relay fell 10 s behind at 2,000
+    // events/s), and a hash or merge join would read the whole queue for 500 ids.
+    // Options from the database URL are kept (appended to).
+    let ours = "-c synchronous_commit=off -c jit=off -c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off";
+    let options = match cfg.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+        _ => ours.to_string(),
+    };
+    cfg.options(&options);
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(Duration::from_secs(5));
     }

@@ -182,24 +182,83 @@ impl Store {
         if batch.is_empty() {
             return Ok(0);
         }
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        // Durable before visible: once a `done` is visible, the object's next delivery may be
-        // sent; an asynchronous commit lost in a crash would then resend this one after it.
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await?;
         let (decided, plain): (Vec<&Completion>, Vec<&Completion>) =
             batch.iter().partition(|c| c.decision.is_some());
-        let complete = tx.prepare_cached(include_str!("complete.sql")).await?;
         let ids: Vec<i64> = plain.iter().map(|c| c.delivery_id).collect();
         let tokens: Vec<i64> = plain.iter().map(|c| c.token).collect();
         let actions: Vec<&str> = plain.iter().map(|c| c.action.as_str()).collect();
         let delays: Vec<i64> = plain.iter().map(|c| c.delay.as_millis() as i64).collect();
         let errors: Vec<Option<&str>> = plain.iter().map(|c| c.error.as_deref()).collect();
-        let mut applied = tx
-            .query(&complete, &[&ids, &tokens, &actions, &delays, &errors])
-            .await?
-            .len();
+        let logs: Vec<&AttemptLog> = batch.iter().filter_map(|c| c.log.as_ref()).collect();
+        let c1: Vec<i64> = logs.iter().map(|l| l.delivery_id).collect();
+        let c2: Vec<i64> = logs.iter().map(|l| l.event_id).collect();
+        let c3: Vec<i64> = logs.iter().map(|l| l.handler_id).collect();
+        let c4: Vec<&str> = logs.iter().map(|l| l.handler_name.as_str()).collect();
+        let c5: Vec<&str> = logs.iter().map(|l| l.event_name.as_str()).collect();
+        let c6: Vec<&str> = logs.iter().map(|l| l.object_id.as_str()).collect();
+        let c7: Vec<i32> = logs.iter().map(|l| l.attempt).collect();
+        let c8: Vec<DateTime<Utc>> = logs.iter().map(|l| l.started_at).collect();
+        let c9: Vec<f64> = logs.iter().map(|l| l.duration_ms).collect();
+        let c10: Vec<&str> = logs
+            .iter()
+            .map(|l| if l.success { "success" } else { "fail" })
+            .collect();
+        let c11: Vec<Option<i32>> = logs.iter().map(|l| l.http_status).collect();
+        let c12: Vec<Option<i32>> = logs.iter().map(|l| l.exit_code).collect();
+        let c13: Vec<&str> = logs.iter().map(|l| l.request_body.as_str()).collect();
+        let c14: Vec<Option<&str>> = logs.iter().map(|l| l.response.as_deref()).collect();
+        let c15: Vec<Option<&str>> = logs.iter().map(|l| l.error.as_deref()).collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 21] = [
+            &ids,
+            &tokens,
+            &actions,
+            &delays,
+            &errors,
+            &c1,
+            &c2,
+            &c3,
+            &c4,
+            &c5,
+            &c6,
+            &c7,
+            &c8,
+            &c9,
+            &c10,
+            &c11,
+            &c12,
+            &c13,
+            &c14,
+            &c15,
+            &self.relay_name,
+        ];
+        // Durable before visible: once a `done` is visible, the object's next delivery may be
+        // sent; an asynchronous commit lost in a crash would then resend this one after it.
+        const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = on";
+        let mut client = self.pool.get().await?;
+        let complete = client.prepare_cached(include_str!("complete.sql")).await?;
+
+        let before_stage_work = !decided.is_empty()
+            || plain
+                .iter()
+                .any(|c| c.before_stage && c.action == Action::Dead);
+        if !before_stage_work {
+            // The common case: one statement, its transaction pipelined around it (one round
+            // trip). If the statement fails, COMMIT ends the aborted transaction as a rollback.
+            let (begin, rows, commit) = tokio::join!(
+                client.batch_execute(BEGIN),
+                client.query(&complete, &params),
+                client.batch_execute("COMMIT")
+            );
+            begin?;
+            let rows = rows?;
+            commit?;
+            return Ok(rows.len());
+        }
+
+        let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
+        let mut applied = tx.query(&complete, &params).await?.len();
 
         // Before-stage: dead ones flag their event; decided ones are resolved one by one (guarded
         // write-back or undo, next handler of the chain, after-stage release).
@@ -245,50 +304,6 @@ impl Store {
             }
         }
 
-        let logs: Vec<&AttemptLog> = batch.iter().filter_map(|c| c.log.as_ref()).collect();
-        if !logs.is_empty() {
-            let insert = tx.prepare_cached(include_str!("log_attempts.sql")).await?;
-            let c1: Vec<i64> = logs.iter().map(|l| l.delivery_id).collect();
-            let c2: Vec<i64> = logs.iter().map(|l| l.event_id).collect();
-            let c3: Vec<i64> = logs.iter().map(|l| l.handler_id).collect();
-            let c4: Vec<&str> = logs.iter().map(|l| l.handler_name.as_str()).collect();
-            let c5: Vec<&str> = logs.iter().map(|l| l.event_name.as_str()).collect();
-            let c6: Vec<&str> = logs.iter().map(|l| l.object_id.as_str()).collect();
-            let c7: Vec<i32> = logs.iter().map(|l| l.attempt).collect();
-            let c8: Vec<DateTime<Utc>> = logs.iter().map(|l| l.started_at).collect();
-            let c9: Vec<f64> = logs.iter().map(|l| l.duration_ms).collect();
-            let c10: Vec<&str> = logs
-                .iter()
-                .map(|l| if l.success { "success" } else { "fail" })
-                .collect();
-            let c11: Vec<Option<i32>> = logs.iter().map(|l| l.http_status).collect();
-            let c12: Vec<Option<i32>> = logs.iter().map(|l| l.exit_code).collect();
-            let c13: Vec<&str> = logs.iter().map(|l| l.request_body.as_str()).collect();
-            let c14: Vec<Option<&str>> = logs.iter().map(|l| l.response.as_deref()).collect();
-            let c15: Vec<Option<&str>> = logs.iter().map(|l| l.error.as_deref()).collect();
-            tx.execute(
-                &insert,
-                &[
-                    &c1,
-                    &c2,
-                    &c3,
-                    &c4,
-                    &c5,
-                    &c6,
-                    &c7,
-                    &c8,
-                    &c9,
-                    &c10,
-                    &c11,
-                    &c12,
-                    &c13,
-                    &c14,
-                    &c15,
-                    &self.relay_name,
-                ],
-            )
-            .await?;
-        }
         tx.commit().await?;
         Ok(applied)
     }

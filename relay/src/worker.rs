@@ -339,7 +339,10 @@ fn wants(
         }
         let busy = in_flight.get(&h.id).copied().unwrap_or(0);
         let free = (h.max_in_flight.saturating_sub(busy) as usize).min(room);
-        if free > 0 {
+        // Claim in batches: with deliveries still running, wait until a quarter of the
+        // handler's slots are free rather than claiming one delivery per finished attempt.
+        let worth_a_claim = busy == 0 || free >= (h.max_in_flight as usize / 4).max(1);
+        if free > 0 && worth_a_claim {
             room -= free;
             out.push(Want {
                 handler_id: h.id,
@@ -389,6 +392,7 @@ fn start_deliveries(
         let done_tx = done_tx.clone();
         let hard_stop = hard_stop.clone();
         let max_retry_after = options.max_retry_after;
+        let shared = shared.clone();
         deliveries.spawn(async move {
             let (delivery_id, handler_id, token) = (c.delivery_id, c.handler_id, c.token);
             let completion = tokio::select! {
@@ -396,7 +400,19 @@ fn start_deliveries(
                 _ = hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
                 done = deliver(handler, c, &transports, &store, max_retry_after) => done,
             };
+            // The handler is done with it: its slot is free now, while the outcome waits for the
+            // completer. (Per-object order does not depend on this: the delivery stays `running`
+            // in the database, blocking its object's next one, until the outcome is committed.)
+            if let Some(n) = shared
+                .in_flight
+                .lock()
+                .expect("in_flight lock")
+                .get_mut(&handler_id)
+            {
+                *n = n.saturating_sub(1);
+            }
             let _ = done_tx.send(completion);
+            shared.wake.notify_one();
         });
     }
 }
@@ -639,13 +655,11 @@ async fn complete_loop(
             }
         }
         {
-            let mut in_flight = shared.in_flight.lock().expect("in_flight lock");
+            // (handler slots were freed when each attempt ended; the total bounds outcomes not
+            // yet written too)
             let mut due = shared.next_due.lock().expect("next_due lock");
             let now = Instant::now();
             for c in &batch {
-                if let Some(n) = in_flight.get_mut(&c.handler_id) {
-                    *n = n.saturating_sub(1);
-                }
                 if c.action == Action::Retry {
                     let at = now + c.delay;
                     *due = Some(due.map_or(at, |d| d.min(at)));

@@ -1716,3 +1716,137 @@ async fn the_relay_keeps_the_outbox_vacuumed() {
     .await;
     relay.stop().await;
 }
+
+// ------------------------------------------------------------------------------------------------
+// In-flight limits and staying awake under traffic
+// ------------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_handlers_in_flight_limit_holds() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.set_default(Answer::Delay(Duration::from_millis(200), 200));
+    add_handler(
+        &db.client,
+        "slow",
+        &["clients.create"],
+        "http",
+        &rx.url("/s"),
+        "max_in_flight = 3",
+    )
+    .await;
+    // 15 different objects: per-object order does not limit them, only the handler's slots do
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 15) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[]).await;
+    let got = rx.wait_for("/s", 15, WAIT).await;
+    relay.stop().await;
+    // Each request is answered 200 ms after it arrives and its slot is free only then: no 190 ms
+    // window may see more than 3 arrivals.
+    let mut at: Vec<Instant> = got.iter().map(|r| r.at).collect();
+    at.sort();
+    for (i, start) in at.iter().enumerate() {
+        let in_window = at[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*start) < Duration::from_millis(190))
+            .count();
+        assert!(
+            in_window <= 3,
+            "{in_window} requests started within 190 ms of each other with max_in_flight = 3"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_relay_stays_awake_while_work_flows_so_writers_do_not_notify() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    add_handler(
+        &db.client,
+        "h",
+        &["clients.create"],
+        "http",
+        &rx.url("/x"),
+        "",
+    )
+    .await;
+    // generous idle_after: a loaded machine may stall the relay for a while
+    let relay = RunningRelay::start(&db, &[("idle_after_ms", "3000")]).await;
+    eventually(WAIT, "the idle relay asleep", || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let (listener, mut notes) = listen(&db.url, "provisioning_events").await;
+
+    // The first change wakes it (one doorbell)...
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('first')", &[])
+        .await
+        .unwrap();
+    rx.wait_for("/x", 1, WAIT).await;
+    eventually(WAIT, "the relay awake", || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
+        )
+        .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    // ...and while changes keep coming, none of them rings.
+    db.client
+        .execute("SELECT pg_notify('provisioning_events', 'start')", &[])
+        .await
+        .unwrap();
+    notifications_until(&listener, &mut notes, "start").await;
+    for i in 0..20 {
+        db.client
+            .execute(
+                "INSERT INTO clients (name) VALUES ($1)",
+                &[&format!("c{i}")],
+            )
+            .await
+            .unwrap();
+        rx.wait_for("/x", 2 + i, WAIT).await;
+        tokio::time::sleep(Duration::from_millis(30)).await; // the pace of the traffic, not a sync
+    }
+    db.client
+        .execute("SELECT pg_notify('provisioning_events', 'end')", &[])
+        .await
+        .unwrap();
+    let rung = notifications_until(&listener, &mut notes, "end").await;
+    assert!(
+        rung.is_empty(),
+        "{} captured changes rang the doorbell while the relay was busy",
+        rung.len()
+    );
+    // Without work it goes back to sleep, and the next change is still delivered.
+    eventually(WAIT, "the relay asleep again", || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
+        )
+        .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('last')", &[])
+        .await
+        .unwrap();
+    rx.wait_for("/x", 22, WAIT).await;
+    relay.stop().await;
+}

@@ -1762,6 +1762,20 @@ async fn a_handlers_in_flight_limit_holds() {
     }
 }
 
+/// Wait until exactly `n` relays have declared themselves asleep.
+async fn wait_for_sleeping_relays(db: &TestDb, n: i64, what: &str) {
+    eventually(WAIT, what, || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
+        )
+        .await
+            == n)
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_relay_stays_awake_while_work_flows_so_writers_do_not_notify() {
     let db = TestDb::vcs().await;
@@ -1777,16 +1791,7 @@ async fn a_relay_stays_awake_while_work_flows_so_writers_do_not_notify() {
     .await;
     // generous idle_after: a loaded machine may stall the relay for a while
     let relay = RunningRelay::start(&db, &[("idle_after_ms", "3000")]).await;
-    eventually(WAIT, "the idle relay asleep", || async {
-        (count(
-            &db.client,
-            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
-        )
-        .await
-            == 1)
-            .then_some(())
-    })
-    .await;
+    wait_for_sleeping_relays(&db, 1, "the idle relay asleep").await;
     let (listener, mut notes) = listen(&db.url, "provisioning_events").await;
 
     // The first change wakes it (one doorbell)...
@@ -1795,16 +1800,7 @@ async fn a_relay_stays_awake_while_work_flows_so_writers_do_not_notify() {
         .await
         .unwrap();
     rx.wait_for("/x", 1, WAIT).await;
-    eventually(WAIT, "the relay awake", || async {
-        (count(
-            &db.client,
-            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
-        )
-        .await
-            == 0)
-            .then_some(())
-    })
-    .await;
+    wait_for_sleeping_relays(&db, 0, "the relay awake").await;
     // ...and while changes keep coming, none of them rings.
     db.client
         .execute("SELECT pg_notify('provisioning_events', 'start')", &[])
@@ -1833,16 +1829,7 @@ async fn a_relay_stays_awake_while_work_flows_so_writers_do_not_notify() {
         rung.len()
     );
     // Without work it goes back to sleep, and the next change is still delivered.
-    eventually(WAIT, "the relay asleep again", || async {
-        (count(
-            &db.client,
-            "SELECT count(*) FROM provisioning.relays WHERE sleeping",
-        )
-        .await
-            == 1)
-            .then_some(())
-    })
-    .await;
+    wait_for_sleeping_relays(&db, 1, "the relay asleep again").await;
     db.client
         .execute("INSERT INTO clients (name) VALUES ('last')", &[])
         .await

@@ -233,7 +233,7 @@ impl Store {
         ];
         // Durable before visible: once a `done` is visible, the object's next delivery may be
         // sent; an asynchronous commit lost in a crash would then resend this one after it.
-        const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = on";
+        const DURABLE: &str = "SET LOCAL synchronous_commit = on";
         let mut client = self.pool.get().await?;
         let complete = client.prepare_cached(include_str!("complete.sql")).await?;
 
@@ -244,20 +244,20 @@ impl Store {
         if !before_stage_work {
             // The common case: one statement, its transaction pipelined around it (one round
             // trip). If the statement fails, COMMIT ends the aborted transaction as a rollback.
-            let (begin, rows, commit) = tokio::join!(
-                client.batch_execute(BEGIN),
+            let begin = format!("BEGIN; {DURABLE}");
+            let (began, rows, commit) = tokio::join!(
+                client.batch_execute(&begin),
                 client.query(&complete, &params),
                 client.batch_execute("COMMIT")
             );
-            begin?;
+            began?;
             let rows = rows?;
             commit?;
             return Ok(rows.len());
         }
 
         let tx = client.transaction().await?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await?;
+        tx.batch_execute(DURABLE).await?;
         let mut applied = tx.query(&complete, &params).await?.len();
 
         // Before-stage: dead ones flag their event; decided ones are resolved one by one (guarded

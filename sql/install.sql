@@ -212,6 +212,53 @@ LANGUAGE sql STABLE AS $fn$
        AND EXISTS (SELECT 1 FROM provisioning.capture_events ce WHERE provisioning.event_matches(pattern, ce.event))
 $fn$;
 
+-- Routes: which live handlers each declared event fans out to, and the status its delivery starts
+-- in. Capture reads this (one index lookup per event) instead of matching every handler's patterns
+-- per event; it is rebuilt whole, in the writer's transaction, whenever handlers or declarations
+-- change (both are small and change rarely). Paused handlers are routed (their deliveries are
+-- held); disabled and archived ones are not. When a before-stage handler subscribes, only the
+-- first before-stage delivery starts pending; the rest of the chain and every after-stage delivery
+-- wait for its decision.
+CREATE TABLE IF NOT EXISTS provisioning.routes (
+    event          text NOT NULL,
+    priority       int NOT NULL,
+    handler_id     bigint NOT NULL,
+    stage          text NOT NULL,
+    initial_status text NOT NULL,
+    PRIMARY KEY (event, priority, handler_id)
+);
+
+CREATE OR REPLACE FUNCTION provisioning.rebuild_routes() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- One rebuilder at a time; it then reads the handlers and declarations as committed (a fresh
+    -- snapshot per statement), so two concurrent handler changes cannot leave stale routes.
+    -- Capture only reads routes and is never blocked by this lock.
+    LOCK TABLE provisioning.routes IN SHARE ROW EXCLUSIVE MODE;
+    DELETE FROM provisioning.routes;
+    INSERT INTO provisioning.routes (event, priority, handler_id, stage, initial_status)
+    SELECT s.event, s.priority, s.id, s.stage,
+           CASE WHEN NOT s.chain THEN 'pending'
+                WHEN s.stage = 'before' AND s.rank = 1 THEN 'pending'
+                ELSE 'waiting' END
+      FROM (SELECT ce.event, h.id, h.stage, h.priority,
+                   bool_or(h.stage = 'before') OVER (PARTITION BY ce.event) AS chain,
+                   row_number() OVER (PARTITION BY ce.event, h.stage ORDER BY h.priority, h.id) AS rank
+              FROM (SELECT DISTINCT event FROM provisioning.capture_events) ce
+              JOIN provisioning.handlers h
+                ON h.status IN ('enabled', 'paused')
+               AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, ce.event))) s;
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS rebuild_routes ON provisioning.handlers;
+CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.handlers
+    FOR EACH STATEMENT EXECUTE FUNCTION provisioning.rebuild_routes();
+DROP TRIGGER IF EXISTS rebuild_routes ON provisioning.capture_events;
+CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.capture_events
+    FOR EACH STATEMENT EXECUTE FUNCTION provisioning.rebuild_routes();
+
 ------------------------------------------------------------------------------------------------------
 -- The outbox: events (append-only) and deliveries (the work queue, one row per event x handler).
 ------------------------------------------------------------------------------------------------------
@@ -317,9 +364,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 -- (prov_capture_insert / _update / _delete) and its own PL/pgSQL function, rebuilt from
 -- provisioning.capture_events whenever a declaration changes:
 --
---   IF <suppress flag set> THEN RETURN; END IF;
---   IF <condition of the first event> THEN emit(first event, ...); END IF;    -- in position order
---   IF <condition of the second event> THEN emit(second event, ...); END IF;
+--   IF <suppressed, or an unusual search_path> THEN ... (the same events with a safe path) END IF;
+--   IF <condition of the first event> THEN <write it and its deliveries> END IF;  -- position order
+--   IF <condition of the second event> THEN ... END IF;
 --
 -- Why one generated function rather than one WHEN trigger per event: PostgreSQL re-reads and
 -- prepares every trigger's WHEN clause for every statement, which cost each single-row UPDATE of
@@ -328,77 +375,19 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 -- declaration time by the SQL parser (a throwaway WHEN trigger) and stored deparsed with
 -- schema-qualified names, so they mean the same whatever the search_path of the writer.
 --
--- Both the generated functions and emit() are SECURITY DEFINER: application roles that change
--- captured tables need no privileges on the provisioning schema, and nobody but the generated
--- triggers can call emit() (EXECUTE is revoked from PUBLIC). See the generated body for how the
+-- Writing an event is one statement, inlined in the generated function with everything known at
+-- declaration time as literals: insert the event, insert its deliveries from provisioning.routes,
+-- and ring the doorbell if a relay sleeps. (A shared emit() function called per event cost ~90 us
+-- an event: a function call, an IF chain, and three statements each started by the executor.)
+--
+-- The generated functions are SECURITY DEFINER: application roles that change captured tables
+-- need no privileges on the provisioning schema, and cannot write events themselves (nor call the
+-- generated functions: EXECUTE is revoked from PUBLIC). See the generated body for how the
 -- conditions are kept safe from a writer's search_path.
 ------------------------------------------------------------------------------------------------------
 
--- Write one event and its deliveries. The arguments are fixed at declaration time (literals in the
--- generated function) except the row images. Only the generated capture functions call it (EXECUTE
--- is revoked from PUBLIC), and they do so with a safe search_path (pg_catalog first, pinned when
--- the writer's is not), so it needs no SET clause of its own: that would cost every event ~20 us.
-CREATE OR REPLACE FUNCTION provisioning.emit(
-    p_event text, p_entity text, p_key_column text, p_shape text, p_json_column text, p_exclude text[],
-    p_operation text, p_old jsonb, p_new jsonb, p_relation text)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $fn$
-DECLARE
-    v_row    jsonb := coalesce(p_new, p_old);
-    v_key    jsonb := v_row -> p_key_column;
-    v_data   jsonb;
-    v_id     bigint;
-    v_fanned int;
-BEGIN
-    IF p_shape = 'row' THEN
-        v_data := v_row;
-    ELSIF p_shape = 'empty' OR p_operation <> 'update' THEN
-        v_data := '{}'::jsonb;
-    ELSIF p_shape = 'changed' THEN
-        SELECT jsonb_build_object(p_key_column, v_key) || coalesce(jsonb_object_agg(n.key, n.value), '{}'::jsonb)
-          INTO v_data
-          FROM jsonb_each(p_new) n
-         WHERE n.value IS DISTINCT FROM p_old -> n.key
-           AND NOT (n.key = ANY (p_exclude));
-    ELSE -- json_keys: key + {json_column: {changed key: new value or null when removed}}
-        SELECT jsonb_build_object(p_key_column, v_key, p_json_column,
-                                  coalesce(jsonb_object_agg(k.key, p_new -> p_json_column -> k.key), '{}'::jsonb))
-          INTO v_data
-          FROM (SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(p_new -> p_json_column) = 'object' THEN p_new -> p_json_column ELSE '{}' END) AS key
-                UNION
-                SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(p_old -> p_json_column) = 'object' THEN p_old -> p_json_column ELSE '{}' END)) k
-         WHERE (p_new -> p_json_column -> k.key) IS DISTINCT FROM (p_old -> p_json_column -> k.key);
-    END IF;
-
-    INSERT INTO provisioning.events (name, entity, object_id, operation, data, old_row, new_row, relation)
-    VALUES (p_event, p_entity, coalesce(v_key, 'null'::jsonb), p_operation, v_data, p_old, p_new, p_relation)
-    RETURNING id INTO v_id;
-
-    -- Fan out to subscribed handlers, in one pass. Paused handlers hold their deliveries; disabled
-    -- and archived handlers get none. If a before-stage handler subscribes, only the first
-    -- before-stage delivery is claimable; the rest of the chain and every after-stage delivery wait
-    -- for its decision.
-    INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)
-    SELECT v_id, s.id, s.stage, s.priority, p_entity, coalesce(v_key #>> '{}', ''),
-           CASE WHEN NOT s.chain THEN 'pending'
-                WHEN s.stage = 'before' AND s.rank = 1 THEN 'pending'
-                ELSE 'waiting' END
-      FROM (SELECT h.id, h.stage, h.priority,
-                   bool_or(h.stage = 'before') OVER () AS chain,
-                   row_number() OVER (PARTITION BY h.stage ORDER BY h.priority, h.id) AS rank
-              FROM provisioning.handlers h
-             WHERE h.status IN ('enabled', 'paused')
-               AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, p_event))) s
-     ORDER BY s.priority, s.id;
-    GET DIAGNOSTICS v_fanned = ROW_COUNT;
-
-    -- Ring the doorbell only if a relay sleeps (one folded NOTIFY per transaction at most).
-    -- (a relay killed while asleep stops counting once its heartbeat is a minute old)
-    IF v_fanned > 0 AND EXISTS (SELECT 1 FROM provisioning.relays WHERE sleeping AND heartbeat_at > now() - interval '1 minute') THEN
-        PERFORM pg_notify('provisioning_events', '');
-    END IF;
-END
-$fn$;
-REVOKE ALL ON FUNCTION provisioning.emit(text, text, text, text, text, text[], text, jsonb, jsonb, text) FROM PUBLIC;
+-- Superseded by the inlined writes of the generated functions (regenerated at the end of this file).
+DROP FUNCTION IF EXISTS provisioning.emit(text, text, text, text, text, text[], text, jsonb, jsonb, text);
 
 -- How captures, capture_events and events name a table: schema-qualified and quoted, whatever the
 -- search_path (regclass::text would drop the schema when it is on the search_path).
@@ -479,6 +468,66 @@ LANGUAGE sql STABLE AS $fn$
                AND NOT (attname = ANY (coalesce(p_exclude, '{}')))) cols
 $fn$;
 
+-- The statement a generated capture function runs to write one event: the event, its deliveries
+-- (from provisioning.routes), and the doorbell if a relay sleeps (one NOTIFY per transaction at
+-- most: identical notifications fold). Everything but the row images is a literal. Every name is
+-- schema-qualified and every operator spelled OPERATOR(pg_catalog.x): the statement runs as the
+-- schema owner, planned with the writer's search_path.
+CREATE OR REPLACE FUNCTION provisioning.event_write(
+    p_event text, p_entity text, p_key_column text, p_shape text, p_json_column text, p_exclude text[],
+    p_operation text, p_relation text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $fn$
+DECLARE
+    v_row  text := CASE WHEN p_operation = 'delete' THEN 'prov_old' ELSE 'prov_new' END;
+    v_key  text := format('(%s OPERATOR(pg_catalog.->) %L::pg_catalog.text)', v_row, p_key_column);
+    v_data text;
+    v_jn   text := format('(prov_new OPERATOR(pg_catalog.->) %L::pg_catalog.text)', p_json_column);
+    v_jo   text := format('(prov_old OPERATOR(pg_catalog.->) %L::pg_catalog.text)', p_json_column);
+BEGIN
+    IF p_shape = 'row' THEN
+        v_data := v_row;
+    ELSIF p_shape = 'empty' OR p_operation <> 'update' THEN
+        v_data := '''{}''::pg_catalog.jsonb';
+    ELSIF p_shape = 'changed' THEN
+        -- key + every column whose value changed, excluded columns left out
+        v_data := format('(SELECT pg_catalog.jsonb_build_object(%L::pg_catalog.text, %s) OPERATOR(pg_catalog.||) '
+                         'COALESCE(pg_catalog.jsonb_object_agg(n.key, n.value), ''{}''::pg_catalog.jsonb) '
+                         'FROM pg_catalog.jsonb_each(prov_new) n '
+                         'WHERE n.value IS DISTINCT FROM (prov_old OPERATOR(pg_catalog.->) n.key) '
+                         'AND NOT (n.key OPERATOR(pg_catalog.=) ANY (%L::pg_catalog.text[])))',
+                         p_key_column, v_key, coalesce(p_exclude, '{}'));
+    ELSE
+        -- json_keys: key + {json column: {changed key: new value, or null when removed}}
+        v_data := format('(SELECT pg_catalog.jsonb_build_object(%L::pg_catalog.text, %s, %L::pg_catalog.text, '
+                         'COALESCE(pg_catalog.jsonb_object_agg(k.key, %s OPERATOR(pg_catalog.->) k.key), ''{}''::pg_catalog.jsonb)) '
+                         'FROM (SELECT pg_catalog.jsonb_object_keys(CASE WHEN pg_catalog.jsonb_typeof(%s) OPERATOR(pg_catalog.=) ''object''::pg_catalog.text THEN %s ELSE ''{}''::pg_catalog.jsonb END) AS key '
+                         'UNION SELECT pg_catalog.jsonb_object_keys(CASE WHEN pg_catalog.jsonb_typeof(%s) OPERATOR(pg_catalog.=) ''object''::pg_catalog.text THEN %s ELSE ''{}''::pg_catalog.jsonb END)) k '
+                         'WHERE (%s OPERATOR(pg_catalog.->) k.key) IS DISTINCT FROM (%s OPERATOR(pg_catalog.->) k.key))',
+                         p_key_column, v_key, p_json_column, v_jn, v_jn, v_jn, v_jo, v_jo, v_jn, v_jo);
+    END IF;
+    RETURN format(
+        E'        WITH prov_event AS (\n'
+         '                 INSERT INTO provisioning.events (name, entity, object_id, operation, data, old_row, new_row, relation)\n'
+         '                 VALUES (%L, %L, COALESCE(%s, ''null''::pg_catalog.jsonb), %L,\n'
+         '                         %s,\n'
+         '                         prov_old, prov_new, %L)\n'
+         '                 RETURNING id),\n'
+         '             prov_fanout AS (\n'
+         '                 INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)\n'
+         '                 SELECT prov_event.id, r.handler_id, r.stage, r.priority, %L,\n'
+         '                        COALESCE(%s OPERATOR(pg_catalog.#>>) ''{}''::pg_catalog.text[], ''''), r.initial_status\n'
+         '                   FROM prov_event, provisioning.routes r\n'
+         '                  WHERE r.event OPERATOR(pg_catalog.=) %L::pg_catalog.text\n'
+         '                  ORDER BY r.priority, r.handler_id\n'
+         '                 RETURNING 1)\n'
+         '        SELECT pg_catalog.pg_notify(''provisioning_events'', '''') IS NULL INTO prov_rang\n'
+         '         WHERE EXISTS (SELECT 1 FROM prov_fanout)\n'
+         '           AND EXISTS (SELECT 1 FROM provisioning.relays\n'
+         '                        WHERE sleeping AND heartbeat_at OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) ''1 minute''::pg_catalog.interval));\n',
+        p_event, p_entity, v_key, p_operation, v_data, p_relation, p_entity, v_key, p_event);
+END
+$fn$;
+
 -- (Re)generate the capture function and trigger of one table and operation from its declarations;
 -- drop both when none is left.
 CREATE OR REPLACE FUNCTION provisioning.generate_capture(p_relation text, p_operation text) RETURNS void
@@ -494,6 +543,8 @@ DECLARE
     v_images  text;
     v_events  text;
     v_emit    text;
+    v_tests   text[] := '{}';
+    v_always  boolean := false;
     e         record;
 BEGIN
     IF v_table IS NULL THEN
@@ -506,8 +557,9 @@ BEGIN
         RETURN;
     END IF;
 
-    IF NOT has_function_privilege('provisioning.emit(text, text, text, text, text, text[], text, jsonb, jsonb, text)', 'EXECUTE') THEN
-        RAISE EXCEPTION 'cannot generate the capture trigger of %: role % may not execute provisioning.emit()', p_relation, current_user
+    IF NOT (has_table_privilege('provisioning.events', 'INSERT') AND has_table_privilege('provisioning.deliveries', 'INSERT')
+            AND has_table_privilege('provisioning.routes', 'SELECT') AND has_table_privilege('provisioning.relays', 'SELECT')) THEN
+        RAISE EXCEPTION 'cannot generate the capture trigger of %: role % may not write to provisioning.events and provisioning.deliveries', p_relation, current_user
             USING HINT = 'Declare events as the owner of the provisioning schema (the role that ran install.sql).';
     END IF;
     -- the row images are built once, and only when an event fires
@@ -532,24 +584,31 @@ BEGIN
         IF v_cond IS NOT NULL THEN
             v_test := provisioning.compile_condition(e.event, v_table, p_operation, v_cond);
         END IF;
-        v_emit := format(E'%s        PERFORM provisioning.emit(%L, %L, %L, %L, %L, %L, %L, prov_old, prov_new, %L);\n',
-                         v_images, e.event, e.entity, e.key_column, e.data_shape, e.json_column, e.exclude_columns,
-                         p_operation, p_relation);
+        v_emit := v_images || provisioning.event_write(e.event, e.entity, e.key_column, e.data_shape, e.json_column,
+                                                       e.exclude_columns, p_operation, p_relation);
         IF v_test IS NULL THEN  -- always: no IF to evaluate
+            v_always := true;
             v_events := v_events || format(E'    -- %s (position %s, always)\n%s', e.event, e.position,
                                            regexp_replace(v_emit, '^    ', '', 'gn'));
         ELSE
+            v_tests := v_tests || v_test;
             v_events := v_events || format(E'    -- %s (position %s)\n    IF %s THEN\n%s    END IF;\n',
                                            e.event, e.position, v_test, v_emit);
         END IF;
     END LOOP;
+    -- Most changes fire no event. PL/pgSQL prepares each IF's expression once per transaction, so
+    -- one test of "does any event fire?" costs a non-firing change much less than one IF per event.
+    IF NOT v_always AND cardinality(v_tests) > 1 THEN
+        v_events := format(E'    -- does any event fire? (one test for the common case: none does)\n    IF %s THEN\n%s    END IF;\n',
+                           array_to_string(v_tests, E'\n       OR '), regexp_replace(v_events, '^(.)', '    \1', 'gn'));
+    END IF;
 
     -- Everything the generated code names itself is schema-qualified (it runs as the owner). Every
     -- IF costs each transaction a little (PL/pgSQL prepares its expression once per transaction),
     -- so the common path has one test before the events: "suppressed, or an unusual search_path?"
     v_body := format(E'-- Generated by provisioning.declare_event() from provisioning.capture_events: events on %s of %s.\n'
                      '-- Do not edit: declare_event(), drop_event() and refresh() rebuild it.\n'
-                     'DECLARE\n    prov_old jsonb;\n    prov_new jsonb;\n    prov_imaged boolean := false;\n    prov_path text;\n'
+                     'DECLARE\n    prov_old jsonb;\n    prov_new jsonb;\n    prov_imaged boolean := false;\n    prov_rang boolean;\n    prov_path text;\n'
                      'BEGIN\n'
                      '    IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on''\n'
                      '       OR (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) ''pg_catalog'' THEN\n'
@@ -905,6 +964,18 @@ BEGIN
      WHERE event_id = d.event_id AND status = 'waiting';
 END
 $fn$;
+
+-- Routes and generated capture functions are derived data: rebuild them from the declarations, so
+-- that running this file again (or a newer one) brings existing captures up to its code.
+DO $regenerate$
+DECLARE r record;
+BEGIN
+    FOR r IN SELECT DISTINCT relation, operation FROM provisioning.capture_events ORDER BY 1, 2 LOOP
+        PERFORM provisioning.generate_capture(r.relation, r.operation);
+    END LOOP;
+    UPDATE provisioning.capture_events SET position = position WHERE false;  -- fires rebuild_routes
+END
+$regenerate$;
 
 INSERT INTO provisioning.schema_version (version, description)
 VALUES (1, 'capture, handlers, outbox, execution log')

@@ -2034,6 +2034,34 @@ async fn events_reach_only_subscribed_live_handlers() {
         .collect();
     assert_eq!(who, ["enabled", "late"]);
 
+    // routes follow later declarations (a pattern subscribes to events declared after it) and
+    // status changes (a disabled handler gets nothing from then on)
+    c.batch_execute(
+        "SELECT provisioning.declare_event('clients.vip', 'clients', 'update', 'new.credit > 1000', 'empty');
+         UPDATE provisioning.handlers SET status = 'disabled' WHERE name = 'late';",
+    )
+    .await
+    .unwrap();
+    let evs = change(c, "UPDATE clients SET credit = 5000 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.update", "clients.vip"]);
+    for (ev, expected) in [
+        (&evs[0], vec!["enabled", "paused"]),
+        (&evs[1], vec!["enabled"]),
+    ] {
+        let who: Vec<String> = c
+            .query(
+                "SELECT h.name FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
+                  WHERE d.event_id = $1 ORDER BY h.name",
+                &[&ev.id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(who, expected, "{}", ev.name);
+    }
+
     // suppressed changes create neither events nor deliveries
     let deliveries = count(c, "SELECT count(*) FROM provisioning.deliveries").await;
     assert_events(
@@ -2052,6 +2080,48 @@ async fn events_reach_only_subscribed_live_handlers() {
     assert_eq!(
         count(c, "SELECT count(*) FROM provisioning.deliveries").await,
         deliveries
+    );
+}
+
+#[tokio::test]
+async fn concurrent_handler_changes_both_reach_the_routes() {
+    let db = vcs_db().await;
+    let (a, b) = (db.connect().await, db.connect().await);
+    a.batch_execute("BEGIN; INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('a', '{clients.*}', 'http', 'http://127.0.0.1:9/a')")
+        .await
+        .unwrap();
+    // b's rebuild waits for a's transaction, then sees a's handler as committed
+    let second = tokio::spawn(async move {
+        b.batch_execute("BEGIN; INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('b', '{clients.delete}', 'http', 'http://127.0.0.1:9/b'); COMMIT;")
+            .await
+            .unwrap();
+    });
+    crate::common::eventually(std::time::Duration::from_secs(10), "b waits for a's routes lock", || async {
+        (count(&db.client, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'provisioning.routes'::regclass").await > 0)
+            .then_some(())
+    })
+    .await;
+    a.batch_execute("COMMIT").await.unwrap();
+    second.await.unwrap();
+    let routes: Vec<(String, String)> = db
+        .client
+        .query(
+            "SELECT r.event, h.name FROM provisioning.routes r JOIN provisioning.handlers h ON h.id = r.handler_id
+              WHERE r.event IN ('clients.delete', 'clients.create') ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("clients.create".to_string(), "a".to_string()),
+            ("clients.delete".to_string(), "a".to_string()),
+            ("clients.delete".to_string(), "b".to_string()),
+        ]
     );
 }
 
@@ -2244,23 +2314,59 @@ async fn application_roles_need_no_grants_and_cannot_forge_events() {
         ["clients.create", "clients.balance_zero", "clients.delete"]
     );
 
-    // calling the event writer directly is refused, even with usage on the schema
-    let forge = "SELECT provisioning.emit('clients.delete', 'clients', 'id', 'empty', NULL, '{}', 'delete', '{\"id\": 7}', NULL, 'public.clients')";
-    let err = app.batch_execute(forge).await.expect_err("forged event");
-    assert!(
-        err.to_string().contains("permission denied")
-            || format!("{err:?}").contains("permission denied"),
-        "{err:?}"
-    );
-    c.batch_execute(&format!("GRANT USAGE ON SCHEMA provisioning TO {role}"))
+    // writing events directly, or borrowing a generated capture function for a trigger of one's
+    // own, is refused, even with usage on the schema
+    let forge_insert = "INSERT INTO provisioning.events (name, entity, object_id, operation, data, relation)
+                        VALUES ('clients.delete', 'clients', '7', 'delete', '{}', 'public.clients')";
+    let capture_fn: String = c
+        .query_one(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p
+              WHERE p.pronamespace = 'provisioning'::regnamespace AND p.proname LIKE 'capture\\_delete\\_clients\\_%'",
+            &[],
+        )
         .await
-        .unwrap();
-    let err = app.batch_execute(forge).await.expect_err("forged event");
-    assert!(format!("{err:?}").contains("permission denied"), "{err:?}");
+        .unwrap()
+        .get(0);
+    let forge_trigger = format!(
+        "CREATE TABLE my_clients (LIKE clients);
+         CREATE TRIGGER forge AFTER DELETE ON my_clients FOR EACH ROW EXECUTE FUNCTION {capture_fn}"
+    );
+    for with_usage in [false, true] {
+        if with_usage {
+            c.batch_execute(&format!("GRANT USAGE ON SCHEMA provisioning TO {role}"))
+                .await
+                .unwrap();
+        }
+        let err = app
+            .batch_execute(forge_insert)
+            .await
+            .expect_err("forged event");
+        let refused = if with_usage {
+            "permission denied for table events"
+        } else {
+            "permission denied for schema provisioning"
+        };
+        assert!(format!("{err:?}").contains(refused), "{err:?}");
+    }
     assert_eq!(
         count(c, "SELECT count(*) FROM provisioning.events").await,
         3
     );
+    c.batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {role}"))
+        .await
+        .unwrap();
+    let err = app
+        .batch_execute(&forge_trigger)
+        .await
+        .expect_err("a trigger on the capture function of another table");
+    assert!(
+        format!("{err:?}")
+            .contains("permission denied for function provisioning.capture_delete_clients_"),
+        "{err:?}"
+    );
+    c.batch_execute(&format!("REVOKE CREATE ON SCHEMA public FROM {role}"))
+        .await
+        .unwrap();
 
     drop(app);
     c.batch_execute(&format!(

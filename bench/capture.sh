@@ -17,7 +17,7 @@
 #                 also creates a delivery, as in production; 0: no handler (events only)
 #   KEEP          1: keep the databases afterwards for inspection
 #   MICRO         1 (default): also run bench/capture_micro.sql — the server-side cost of one UPDATE
-#                 statement, no network, no commit — on both databases, 5 times each, alternating;
+#                 transaction, no network, asynchronous commit — on both databases, 5 times each, alternating;
 #                 reported as backend CPU time (robust against a busy machine) and wall time
 #   VARIANT       name of an experiment applied to the "on" database after installing, from
 #                 bench/capture_variant_<VARIANT>.sql (write one to try a change); default none
@@ -193,7 +193,7 @@ if [[ -n $PM_PID ]]; then
     done
 fi
 
-# micro <url> <mode>: "<cpu us> <wall us>" per UPDATE statement inside one backend (bench/capture_micro.sql).
+# micro <url> <mode>: "<cpu us> <wall us>" per single-row UPDATE transaction inside one backend (bench/capture_micro.sql).
 micro() {
     "${PSQL[@]}" -d "$1" -v mode="$2" -v n=20000 -v rows="$ROWS" -v hz="$CLK_TCK" -f "$ROOT/bench/capture_micro.sql" 2>&1 >/dev/null |
         sed -n 's/.*NOTICE:  micro \([-0-9.]*\) \([0-9.]*\).*/\1 \2/p'
@@ -215,7 +215,7 @@ if [[ $MICRO == 1 ]]; then
     # median of a space-separated list
     median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
     echo
-    echo "server-side cost of one single-row UPDATE statement (no network, no commit; median of 5 x 20000)"
+    echo "server-side cost of one single-row UPDATE transaction (no network, asynchronous commit; median of 5 x 20000)"
     printf '%-30s %-5s %12s %12s %14s\n' "" "" "no capture" "capture" "capture cost"
     for what in quiet emit; do
         label="no event fires"

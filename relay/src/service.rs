@@ -28,6 +28,24 @@ pub enum ServiceError {
     Admin(String, #[source] std::io::Error),
 }
 
+impl ServiceError {
+    /// The connection broke or the server is shutting down or starting up: worth retrying, unlike
+    /// an answer (schema missing or of another version, permission denied).
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            ServiceError::Pool(_) => true,
+            ServiceError::Schema(crate::schema::SchemaError::Query(e)) => {
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("57P")
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Build a relay from configuration: checks the database and the schema version first.
 pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
     let name = config.relay_name();
@@ -36,15 +54,29 @@ pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
         config.pool_size as usize,
         &format!("relay {name}"),
     )?;
-    crate::db::wait_for_database(
-        &pool,
-        &config.database_url,
-        Duration::from_secs(u64::MAX / 4),
-    )
-    .await?;
-    {
-        let client = pool.get().await?;
-        crate::schema::check_version(&**client).await?;
+    // The database may go away again between "it answers" and "its schema version" (a restart,
+    // a failover): only a definite answer about the schema ends the start-up with an error.
+    loop {
+        crate::db::wait_for_database(
+            &pool,
+            &config.database_url,
+            Duration::from_secs(u64::MAX / 4),
+        )
+        .await?;
+        let checked = match pool.get().await {
+            Ok(client) => crate::schema::check_version(&**client)
+                .await
+                .map_err(ServiceError::from),
+            Err(e) => Err(e.into()),
+        };
+        match checked {
+            Ok(()) => break,
+            Err(e) if e.is_connection_lost() => {
+                tracing::warn!(error = %e, "lost the database while checking the schema version; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
     let limit = config.response_limit_bytes as usize;
     let transports = Transports {

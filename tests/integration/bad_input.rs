@@ -206,3 +206,41 @@ async fn before_stage_replies_of_random_bytes_never_crash_or_allow() {
     relay.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Start-up checks the schema version after the database answers; if the server goes away in
+/// between (a restart), that is retried, while a definite answer (no schema) stops the start-up.
+#[tokio::test]
+async fn a_connection_lost_while_checking_the_schema_is_retried_an_answer_is_not() {
+    use relay::schema::{check_version, SchemaError};
+    use relay::service::ServiceError;
+
+    let db = TestDb::installed().await;
+    let victim = db.connect().await;
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.client
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let lost = ServiceError::from(check_version(&victim).await.expect_err("terminated"));
+    assert!(
+        matches!(lost, ServiceError::Schema(SchemaError::Query(_))),
+        "{lost:?}"
+    );
+    assert!(lost.is_connection_lost(), "{lost:?}");
+
+    let empty = TestDb::empty().await;
+    let answer = ServiceError::from(check_version(&empty.client).await.expect_err("no schema"));
+    assert!(!answer.is_connection_lost(), "{answer:?}");
+    let denied = ServiceError::from(SchemaError::Query(
+        empty
+            .client
+            .batch_execute("SET ROLE pg_monitor; CREATE TABLE nope (a int)")
+            .await
+            .expect_err("permission denied"),
+    ));
+    assert!(!denied.is_connection_lost(), "{denied:?}");
+}

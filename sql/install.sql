@@ -543,8 +543,6 @@ DECLARE
     v_images  text;
     v_events  text;
     v_emit    text;
-    v_tests   text[] := '{}';
-    v_always  boolean := false;
     e         record;
 BEGIN
     IF v_table IS NULL THEN
@@ -587,21 +585,13 @@ BEGIN
         v_emit := v_images || provisioning.event_write(e.event, e.entity, e.key_column, e.data_shape, e.json_column,
                                                        e.exclude_columns, p_operation, p_relation);
         IF v_test IS NULL THEN  -- always: no IF to evaluate
-            v_always := true;
             v_events := v_events || format(E'    -- %s (position %s, always)\n%s', e.event, e.position,
                                            regexp_replace(v_emit, '^    ', '', 'gn'));
         ELSE
-            v_tests := v_tests || v_test;
             v_events := v_events || format(E'    -- %s (position %s)\n    IF %s THEN\n%s    END IF;\n',
                                            e.event, e.position, v_test, v_emit);
         END IF;
     END LOOP;
-    -- Most changes fire no event. PL/pgSQL prepares each IF's expression once per transaction, so
-    -- one test of "does any event fire?" costs a non-firing change much less than one IF per event.
-    IF NOT v_always AND cardinality(v_tests) > 1 THEN
-        v_events := format(E'    -- does any event fire? (one test for the common case: none does)\n    IF %s THEN\n%s    END IF;\n',
-                           array_to_string(v_tests, E'\n       OR '), regexp_replace(v_events, '^(.)', '    \1', 'gn'));
-    END IF;
 
     -- Everything the generated code names itself is schema-qualified (it runs as the owner). Every
     -- IF costs each transaction a little (PL/pgSQL prepares its expression once per transaction),

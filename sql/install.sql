@@ -252,9 +252,25 @@ BEGIN
 END
 $fn$;
 
+-- Taken before the statement's row locks too, so that two writers of handlers (say an operator's
+-- transaction and a relay pausing a handler on 410) always lock in the same order: no deadlock.
+CREATE OR REPLACE FUNCTION provisioning.lock_routes() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    LOCK TABLE provisioning.routes IN SHARE ROW EXCLUSIVE MODE;
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS lock_routes ON provisioning.handlers;
+CREATE TRIGGER lock_routes BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.handlers
+    FOR EACH STATEMENT EXECUTE FUNCTION provisioning.lock_routes();
 DROP TRIGGER IF EXISTS rebuild_routes ON provisioning.handlers;
 CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.handlers
     FOR EACH STATEMENT EXECUTE FUNCTION provisioning.rebuild_routes();
+DROP TRIGGER IF EXISTS lock_routes ON provisioning.capture_events;
+CREATE TRIGGER lock_routes BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.capture_events
+    FOR EACH STATEMENT EXECUTE FUNCTION provisioning.lock_routes();
 DROP TRIGGER IF EXISTS rebuild_routes ON provisioning.capture_events;
 CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.capture_events
     FOR EACH STATEMENT EXECUTE FUNCTION provisioning.rebuild_routes();

@@ -2125,6 +2125,42 @@ async fn concurrent_handler_changes_both_reach_the_routes() {
     );
 }
 
+#[tokio::test]
+async fn handler_writers_queue_for_the_routes_without_deadlocking() {
+    let db = vcs_db().await;
+    db.client
+        .batch_execute("INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('h', '{clients.*}', 'http', 'http://127.0.0.1:9/h')")
+        .await
+        .unwrap();
+    let (operator, relay) = (db.connect().await, db.connect().await);
+    // an operator's transaction changes declarations (holding the routes lock) and then a handler
+    operator
+        .batch_execute("BEGIN; SELECT provisioning.declare_event('clients.vip', 'clients', 'update', 'new.credit > 1000', 'empty')")
+        .await
+        .unwrap();
+    // meanwhile the relay pauses that handler (a 410): it queues before taking the row's lock
+    let pause = tokio::spawn(async move {
+        relay
+            .batch_execute("UPDATE provisioning.handlers SET status = 'paused' WHERE name = 'h'")
+            .await
+    });
+    crate::common::eventually(std::time::Duration::from_secs(10), "the pause waits for the routes lock", || async {
+        (count(&db.client, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'provisioning.routes'::regclass").await > 0)
+            .then_some(())
+    })
+    .await;
+    operator
+        .batch_execute("UPDATE provisioning.handlers SET priority = 5 WHERE name = 'h'; COMMIT;")
+        .await
+        .expect("no deadlock for the operator");
+    pause.await.unwrap().expect("no deadlock for the relay");
+    assert_eq!(
+        count(&db.client, "SELECT count(*) FROM provisioning.routes r JOIN provisioning.handlers h ON h.id = r.handler_id
+                            WHERE h.status = 'paused' AND h.priority = 5 AND r.priority = 5 AND r.event = 'clients.vip'").await,
+        1
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The generated capture code
 // ---------------------------------------------------------------------------------------------

@@ -2021,18 +2021,7 @@ async fn events_reach_only_subscribed_live_handlers() {
     );
     let evs = change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await;
     assert_eq!(names(&evs), ["clients.balance_zero"]);
-    let who: Vec<String> = c
-        .query(
-            "SELECT h.name FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
-              WHERE d.event_id = $1 ORDER BY h.name",
-            &[&evs[0].id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(who, ["enabled", "late"]);
+    assert_eq!(delivered_to(c, evs[0].id).await, ["enabled", "late"]);
 
     // routes follow later declarations (a pattern subscribes to events declared after it) and
     // status changes (a disabled handler gets nothing from then on)
@@ -2048,18 +2037,7 @@ async fn events_reach_only_subscribed_live_handlers() {
         (&evs[0], vec!["enabled", "paused"]),
         (&evs[1], vec!["enabled"]),
     ] {
-        let who: Vec<String> = c
-            .query(
-                "SELECT h.name FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
-                  WHERE d.event_id = $1 ORDER BY h.name",
-                &[&ev.id],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        assert_eq!(who, expected, "{}", ev.name);
+        assert_eq!(delivered_to(c, ev.id).await, expected, "{}", ev.name);
     }
 
     // suppressed changes create neither events nor deliveries
@@ -2083,6 +2061,34 @@ async fn events_reach_only_subscribed_live_handlers() {
     );
 }
 
+/// The handlers an event got deliveries for, by name.
+async fn delivered_to(c: &Client, event_id: i64) -> Vec<String> {
+    c.query(
+        "SELECT h.name FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
+          WHERE d.event_id = $1 ORDER BY h.name",
+        &[&event_id],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Wait until some session waits for the routes lock.
+async fn wait_for_routes_lock_waiter(db: &TestDb, what: &str) {
+    crate::common::eventually(std::time::Duration::from_secs(10), what, || async {
+        (count(
+            &db.client,
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'provisioning.routes'::regclass",
+        )
+        .await
+            > 0)
+        .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn concurrent_handler_changes_both_reach_the_routes() {
     let db = vcs_db().await;
@@ -2096,11 +2102,7 @@ async fn concurrent_handler_changes_both_reach_the_routes() {
             .await
             .unwrap();
     });
-    crate::common::eventually(std::time::Duration::from_secs(10), "b waits for a's routes lock", || async {
-        (count(&db.client, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'provisioning.routes'::regclass").await > 0)
-            .then_some(())
-    })
-    .await;
+    wait_for_routes_lock_waiter(&db, "b waits for a's routes lock").await;
     a.batch_execute("COMMIT").await.unwrap();
     second.await.unwrap();
     let routes: Vec<(String, String)> = db
@@ -2144,11 +2146,7 @@ async fn handler_writers_queue_for_the_routes_without_deadlocking() {
             .batch_execute("UPDATE provisioning.handlers SET status = 'paused' WHERE name = 'h'")
             .await
     });
-    crate::common::eventually(std::time::Duration::from_secs(10), "the pause waits for the routes lock", || async {
-        (count(&db.client, "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'provisioning.routes'::regclass").await > 0)
-            .then_some(())
-    })
-    .await;
+    wait_for_routes_lock_waiter(&db, "the pause waits for the routes lock").await;
     operator
         .batch_execute("UPDATE provisioning.handlers SET priority = 5 WHERE name = 'h'; COMMIT;")
         .await

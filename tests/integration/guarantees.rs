@@ -1532,15 +1532,7 @@ async fn a_relay_killed_while_asleep_does_not_leave_the_doorbell_ringing() {
     )
     .await;
     let mut r1 = RelayProcess::spawn(&db, "r1", &[], &[]);
-    eventually(WAIT, "r1 asleep", || async {
-        let n = count(
-            &db.client,
-            "SELECT count(*) FROM provisioning.relays WHERE name = 'r1' AND sleeping",
-        )
-        .await;
-        (n == 1).then_some(())
-    })
-    .await;
+    wait_for_sleeping_relays(&db, 1, "r1 (the only relay) asleep").await;
     r1.kill9();
     // An hour later (simulated): r1 is long dead and no relay runs.
     db.client

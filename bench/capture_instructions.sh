@@ -129,6 +129,12 @@ for mode in quiet emit; do
         COST[$db,$mode]=$(( (b - a) / (LONG - SHORT) ))
         if [[ $db == bench_on ]]; then
             EVENTS[$mode]=$("${PSQL[@]}" -At -d "$db" -c "SELECT count(*) FROM provisioning.events")
+            # A figure is only worth printing if capture did what the workload says.
+            want=0; [[ $mode == emit ]] && want=$LONG
+            if [[ ${EVENTS[$mode]} != "$want" ]]; then
+                echo "capture misbehaved: the $mode workload of $LONG updates wrote ${EVENTS[$mode]} events, expected $want" >&2
+                exit 1
+            fi
         fi
         log "$db $mode: ${COST[$db,$mode]} instructions per update"
     done

@@ -78,6 +78,29 @@ impl RelayProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGKILL, reap, and wait until the database has no session of this relay left. A statement
+    /// the relay sent just before it died still runs, and commits, in its backend after the
+    /// process is gone; only when the backend has exited is the database's state final.
+    pub async fn kill9_and_wait_sessions(&mut self, db: &TestDb) {
+        self.kill9();
+        let app = format!("relay {}", self.name);
+        eventually(WAIT, "the killed relay's sessions ended", || async {
+            let left: i64 = db
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() \
+                       AND (application_name = $1 OR application_name LIKE $1 || ' %')",
+                    &[&app],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            (left == 0).then_some(())
+        })
+        .await;
+    }
+
     pub fn sigterm(&self) {
         // SAFETY: plain kill(2) on our own child.
         let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
@@ -1013,7 +1036,7 @@ async fn kill_9_mid_flight_loses_nothing() {
         (rx.received_on("/k").len() >= 5 && running > 0).then_some(())
     })
     .await;
-    r1.kill9();
+    r1.kill9_and_wait_sessions(&db).await;
     let stranded = count(
         &db.client,
         "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
@@ -1533,7 +1556,7 @@ async fn a_relay_killed_while_asleep_does_not_leave_the_doorbell_ringing() {
     .await;
     let mut r1 = RelayProcess::spawn(&db, "r1", &[], &[]);
     wait_for_sleeping_relays(&db, 1, "r1 (the only relay) asleep").await;
-    r1.kill9();
+    r1.kill9_and_wait_sessions(&db).await;
     // An hour later (simulated): r1 is long dead and no relay runs.
     db.client
         .execute("UPDATE provisioning.relays SET heartbeat_at = now() - interval '1 hour' WHERE name = 'r1'", &[])

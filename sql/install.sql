@@ -330,8 +330,14 @@ CREATE TABLE IF NOT EXISTS provisioning.deliveries (
 ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.02,
         autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0.02);
 
--- Claim: per handler, oldest first, only claimable rows (index = size of the backlog).
-CREATE INDEX IF NOT EXISTS deliveries_claim ON provisioning.deliveries (handler_id, id) WHERE status = 'pending';
+-- Claim: per handler, earliest due first, only claimable rows (index = size of the backlog). The
+-- scan stops at the first delivery not yet due, so retries waiting for later cost nothing, and
+-- rows in flight or dead are not in it. (An index on (handler_id, id) lost to the primary key in
+-- the planner, which then walked every running and dead delivery on each claim: 4.5 ms for 2 rows
+-- behind 5,000 in flight, against 0.23 ms with this one.)
+CREATE INDEX IF NOT EXISTS deliveries_due ON provisioning.deliveries (handler_id, next_attempt_at, id)
+    WHERE status = 'pending';
+DROP INDEX IF EXISTS provisioning.deliveries_claim;
 -- Per-object order: is there an earlier unfinished delivery for this handler and object?
 CREATE INDEX IF NOT EXISTS deliveries_order ON provisioning.deliveries (handler_id, entity, object_key, id)
     WHERE status IN ('waiting', 'pending', 'running');

@@ -1,4 +1,4 @@
--- Claim up to $2[i] due deliveries for handler $1[i], oldest first, each only if no earlier
+-- Claim up to $2[i] due deliveries for handler $1[i], earliest due first, each only if no earlier
 -- delivery of the same handler and object is unfinished (per-object order). Row locks are held
 -- only by this statement: ownership lives in lease columns, and the claim commits at once.
 -- $3 relay name, $4 claim token, $5[i] lease length in ms for handler $1[i].
@@ -33,7 +33,8 @@ WITH candidates AS (
                    AND b.stage = 'before'
                    AND b.event_id < d.event_id
                    AND b.status IN ('waiting', 'pending', 'running'))
-         ORDER BY d.id
+         -- the order of index deliveries_due: the scan ends at the first delivery not yet due
+         ORDER BY d.next_attempt_at, d.id
          LIMIT h.lim
            FOR UPDATE SKIP LOCKED
      ) c

@@ -770,6 +770,7 @@ async fn raw_sql_limit(db: &Client, url: &str, args: &Args) -> Result<RawSql> {
         handler_id,
         limit: args.raw_batch,
         lease,
+        row_images: false,
     }];
     let (mut claim_t, mut complete_t, mut other_t) =
         (Duration::ZERO, Duration::ZERO, Duration::ZERO);

@@ -27,8 +27,16 @@ pub enum Stage {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
-    Http { url: String },
-    Script { program: String, args: Vec<String> },
+    /// `parsed` once when the handler is loaded, not for every request (URL parsing and IDNA
+    /// mapping showed up in the relay's profile); `None` if it does not parse (reported per attempt).
+    Http {
+        url: String,
+        parsed: Option<reqwest::Url>,
+    },
+    Script {
+        program: String,
+        args: Vec<String>,
+    },
 }
 
 #[derive(Clone)]
@@ -86,7 +94,10 @@ impl Handler {
                 args: row.get("args"),
             }
         } else {
-            Kind::Http { url: target }
+            Kind::Http {
+                parsed: reqwest::Url::parse(&target).ok(),
+                url: target,
+            }
         };
         let schedule: Option<Vec<i32>> = row.get("retry_schedule_ms");
         let headers: serde_json::Value = row.get("headers");

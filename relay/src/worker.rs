@@ -348,6 +348,7 @@ fn wants(
                 handler_id: h.id,
                 limit: free as i32,
                 lease: h.timeout + options.lease_margin,
+                row_images: h.format == crate::delivery::envelope::Format::Full,
             });
         }
     }
@@ -464,9 +465,10 @@ async fn deliver(
     };
     let started_at = Utc::now();
     let reply = match &handler.kind {
-        Kind::Http { url } => {
+        Kind::Http { url, parsed } => {
             let target = Target {
                 url,
+                parsed: parsed.as_ref(),
                 headers: &handler.headers,
                 secret: handler.secret.as_deref(),
             };
@@ -487,13 +489,15 @@ async fn outcome(
     max_retry_after: Duration,
 ) -> Completion {
     let before_stage = c.stage == "before";
-    let sent_data = c
-        .modified_data
-        .clone()
-        .unwrap_or_else(|| c.event.data.clone());
+    // Only a before-stage decision needs the data that was sent (a copy per delivery otherwise).
+    let sent_data = before_stage.then(|| {
+        c.modified_data
+            .clone()
+            .unwrap_or_else(|| c.event.data.clone())
+    });
     let mut decision = None;
-    if before_stage && reply.success {
-        match crate::decisions::parse(reply.response.as_deref().unwrap_or(""), &sent_data) {
+    if let (Some(sent), true) = (&sent_data, reply.success) {
+        match crate::decisions::parse(reply.response.as_deref().unwrap_or(""), sent) {
             Ok(d) => decision = Some(d),
             Err(e) => {
                 // Not a decision: a failed attempt, retried on schedule; never taken as "allow".
@@ -604,7 +608,7 @@ async fn outcome(
         log: Some(log),
         decision,
         before_stage,
-        sent_data: before_stage.then_some(sent_data),
+        sent_data,
     }
 }
 

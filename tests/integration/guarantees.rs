@@ -928,13 +928,13 @@ async fn a_claim_skips_in_flight_waiting_and_dead_deliveries_without_reading_the
     db.client
         .batch_execute(&format!(
             "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
-             PREPARE claim(bigint[], int[], text, bigint, int[]) AS {}",
+             PREPARE claim(bigint[], int[], text, bigint, int[], boolean[]) AS {}",
             include_str!("../../relay/src/store/claim.sql")
         ))
         .await
         .unwrap();
     let explain = |token: i64| {
-        format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim('{{{hid}}}', '{{10}}', 'me', {token}, '{{60000}}')")
+        format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE claim('{{{hid}}}', '{{10}}', 'me', {token}, '{{60000}}', '{{false}}')")
     };
     // The pages the scan for candidates (alias `d`, head checks included) reads per claim.
     fn scan_pages(node: &serde_json::Value) -> Option<i64> {

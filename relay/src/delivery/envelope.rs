@@ -17,6 +17,7 @@ pub struct Event {
     pub object_id: Value,
     pub operation: String,
     pub data: Value,
+    /// The row images: read from the database only for handlers whose format sends them.
     pub old_row: Option<Value>,
     pub new_row: Option<Value>,
     pub changed_at: DateTime<Utc>,

@@ -14,6 +14,8 @@ pub const USER_AGENT: &str = concat!("provisioning-relay/", env!("CARGO_PKG_VERS
 #[derive(Clone)]
 pub struct Target<'a> {
     pub url: &'a str,
+    /// `url`, parsed ahead (when it parses).
+    pub parsed: Option<&'a reqwest::Url>,
     pub headers: &'a [(String, String)],
     pub secret: Option<&'a str>,
 }
@@ -67,8 +69,10 @@ impl HttpTransport {
     async fn exchange(&self, target: &Target<'_>, req: &Request) -> Reply {
         if self.deny_private {
             // IP literals never reach the resolver: check them here.
-            if let Some(ip) = reqwest::Url::parse(target.url)
-                .ok()
+            if let Some(ip) = target
+                .parsed
+                .cloned()
+                .or_else(|| reqwest::Url::parse(target.url).ok())
                 .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
                 .and_then(|h| h.parse::<std::net::IpAddr>().ok())
             {
@@ -91,9 +95,11 @@ impl HttpTransport {
                 }
             }
         };
-        let sent = self
-            .client
-            .post(target.url)
+        let post = match target.parsed {
+            Some(url) => self.client.post(url.clone()),
+            None => self.client.post(target.url),
+        };
+        let sent = post
             .headers(headers)
             .timeout(req.timeout)
             .body(req.body.clone())
@@ -336,6 +342,7 @@ mod tests {
                 .send(
                     &Target {
                         url,
+                        parsed: None,
                         headers: &[],
                         secret: None,
                     },

@@ -1,7 +1,8 @@
 -- Claim up to $2[i] due deliveries for handler $1[i], earliest due first, each only if no earlier
 -- delivery of the same handler and object is unfinished (per-object order). Row locks are held
 -- only by this statement: ownership lives in lease columns, and the claim commits at once.
--- $3 relay name, $4 claim token, $5[i] lease length in ms for handler $1[i].
+-- $3 relay name, $4 claim token, $5[i] lease length in ms for handler $1[i], $6[i] whether handler
+-- $1[i] needs the old and new row images (the `full` format; NULL for the others).
 WITH candidates AS (
     SELECT c.id
       FROM unnest($1::bigint[], $2::int[]) AS h(handler_id, lim)
@@ -46,14 +47,17 @@ WITH candidates AS (
            lease_token = $4,
            lease_expires_at = now() + l.lease_ms * interval '1 millisecond',
            updated_at = now()
-      FROM unnest($1::bigint[], $5::int[]) AS l(handler_id, lease_ms)
+      FROM unnest($1::bigint[], $5::int[], $6::boolean[]) AS l(handler_id, lease_ms, row_images)
      -- the candidates as an array: primary-key lookups (a join let the planner hash the queue)
      WHERE d.id = ANY (ARRAY(SELECT id FROM candidates))
        AND l.handler_id = d.handler_id
- RETURNING d.id, d.event_id, d.handler_id, d.attempts, d.data, d.stage
+ RETURNING d.id, d.event_id, d.handler_id, d.attempts, d.data, d.stage, l.row_images
 )
 SELECT cl.id, cl.handler_id, cl.attempts, cl.stage, cl.data AS modified_data,
-       e.id AS event_id, e.name, e.entity, e.object_id, e.operation, e.data, e.old_row, e.new_row, e.changed_at
+       e.id AS event_id, e.name, e.entity, e.object_id, e.operation, e.data,
+       CASE WHEN cl.row_images THEN e.old_row END AS old_row,
+       CASE WHEN cl.row_images THEN e.new_row END AS new_row,
+       e.changed_at
   FROM claimed cl
   -- one index probe per claimed row, never a hash join over the whole events table
  CROSS JOIN LATERAL (SELECT * FROM provisioning.events ev WHERE ev.id = cl.event_id LIMIT 1) e

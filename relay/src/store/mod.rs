@@ -57,6 +57,9 @@ pub struct Want {
     pub handler_id: i64,
     pub limit: i32,
     pub lease: Duration,
+    /// Fetch the events' old and new row images (only the `full` format sends them; reading and
+    /// parsing them for every delivery was wasted work for the default format).
+    pub row_images: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,10 +150,14 @@ impl Store {
             .iter()
             .map(|w| w.lease.as_millis().min(i32::MAX as u128) as i32)
             .collect();
+        let images: Vec<bool> = wants.iter().map(|w| w.row_images).collect();
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(include_str!("claim.sql")).await?;
         let rows = client
-            .query(&stmt, &[&ids, &limits, &self.relay_name, &token, &leases])
+            .query(
+                &stmt,
+                &[&ids, &limits, &self.relay_name, &token, &leases, &images],
+            )
             .await?;
         Ok(rows
             .iter()

@@ -20,7 +20,10 @@ WITH input AS (
     UPDATE provisioning.deliveries d
        SET status = CASE i.action WHEN 'dead' THEN 'dead' ELSE 'pending' END,
            attempts = CASE i.action WHEN 'release' THEN greatest(d.attempts - 1, 0) ELSE d.attempts END,
-           next_attempt_at = now() + i.delay_ms * interval '1 millisecond',
+           -- a retry waits its delay; without one (a release, a 410's pause) the delivery keeps
+           -- its place in the claim order (deliveries_due: earliest due first)
+           next_attempt_at = CASE WHEN i.delay_ms > 0 THEN now() + i.delay_ms * interval '1 millisecond'
+                                  ELSE d.next_attempt_at END,
            last_error = coalesce(i.error, d.last_error),
            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
            updated_at = now()

@@ -13,7 +13,7 @@ WITH expired AS (
 ), recovered AS (
     UPDATE provisioning.deliveries d
        SET status = CASE WHEN x.attempts >= x.max_attempts THEN 'dead' ELSE 'pending' END,
-           next_attempt_at = now(),
+           next_attempt_at = least(d.next_attempt_at, now()),  -- due at once, in its old place
            last_error = format('lease expired: relay %s did not report the attempt in time', x.lease_owner),
            lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
       FROM expired x

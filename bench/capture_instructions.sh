@@ -21,13 +21,18 @@
 #   quiet: balance moves by -10..10 and stays far from zero: no event fires, only capture's tests run
 #   emit:  balance changes sign: exactly one event (clients.balance_zero / _notzero) + its delivery
 # Environment: SHORT (default 200), LONG (default 1200), PORT (default 5499), KEEP=1 keeps the
-# temporary directory (the callgrind files can be read with callgrind_annotate).
+# temporary directory (the callgrind files can be read with callgrind_annotate), VARIANT=<file>
+# applies an SQL file to the "on" database after installing (to measure a change to the generated
+# capture code before building it into install.sql).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SHORT=${SHORT:-200}
 LONG=${LONG:-1200}
 PORT=${PORT:-5499}
+VARIANT=${VARIANT:-}
+[[ -z $VARIANT || -r $VARIANT ]] || { echo "VARIANT=$VARIANT: no such file" >&2; exit 2; }
+VARIANT=${VARIANT:+$(cd "$(dirname "$VARIANT")" && pwd)/$(basename "$VARIANT")}
 KEEP=${KEEP:-0}
 
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
@@ -79,6 +84,9 @@ done
 "${PSQL[@]}" -d bench_on -f "$ROOT/sql/install.sql" -f "$ROOT/sql/vcs/install.sql" >/dev/null
 "${PSQL[@]}" -d bench_on -c "INSERT INTO provisioning.handlers (name, events, kind, target)
                              VALUES ('bench', '{clients.*}', 'http', 'http://127.0.0.1:9/bench')" >/dev/null
+if [[ -n $VARIANT ]]; then
+    "${PSQL[@]}" -d bench_on -v ON_ERROR_STOP=1 -f "$VARIANT" >/dev/null
+fi
 
 # The statement files: the session's backend pid first (its callgrind file is cg.<pid>).
 ROWS=10000
@@ -142,7 +150,7 @@ done
 
 echo
 echo "instructions per single-row UPDATE transaction, one backend (callgrind; psql, one statement per"
-echo "transaction; ${SHORT} vs ${LONG} updates), capture = sql/install.sql + VCS preset + 1 handler"
+echo "transaction; ${SHORT} vs ${LONG} updates), capture = sql/install.sql + VCS preset + 1 handler${VARIANT:+ + variant $VARIANT}"
 printf '%-34s %12s %12s %14s %8s\n' "" "no capture" "capture" "capture cost" "events"
 for mode in quiet emit; do
     label="no event fires"

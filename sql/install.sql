@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS provisioning.capture_events (
     json_column     text,                    -- for data_shape = json_keys
     exclude_columns text[] NOT NULL DEFAULT '{}',  -- for data_shape = changed: not "changes"
     position        int NOT NULL,            -- order of events emitted by one row change
-    trigger_name    text NOT NULL,           -- the table's capture trigger (one per operation)
+    trigger_name    text NOT NULL,           -- the table's capture trigger of the operation (an update
+                                             -- capture split by columns has prov_capture_update_NN)
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- one event name may fire from several operations (e.g. subscriptions.close on update and delete)
     PRIMARY KEY (event, operation),
@@ -550,14 +551,57 @@ BEGIN
 END
 $fn$;
 
--- (Re)generate the capture function and trigger of one table and operation from its declarations;
--- drop both when none is left.
+-- The columns a compiled condition reads as old.<column> or new.<column>, sorted; NULL when it may
+-- read more (the whole row, old or new as a value) or names no column at all. String literals are
+-- left out first, so 'new' as a value is not taken for the row.
+CREATE OR REPLACE FUNCTION provisioning.condition_columns(p_table regclass, p_condition text) RETURNS text[]
+LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    v_text text := regexp_replace(p_condition, '''([^'']|'''')*''', '''''', 'g');
+    v_cols text[];
+BEGIN
+    IF v_text ~* '\m(old|new)\M(?!\s*\.)' THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(DISTINCT a.attname::text ORDER BY a.attname::text) INTO v_cols
+      FROM regexp_matches(v_text, '\m(?:old|new)\s*\.\s*("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)', 'gi') m
+      JOIN pg_attribute a ON a.attrelid = p_table AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname = CASE WHEN left(m[1], 1) = '"' THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
+                            ELSE lower(m[1]) END;
+    RETURN v_cols;
+END
+$fn$;
+
+-- Column-specific update triggers (AFTER UPDATE OF <columns>) are skipped by PostgreSQL when no
+-- listed column is assigned by the UPDATE, so a balance-only UPDATE of `clients` runs only the
+-- balance events' trigger (bench/capture_instructions.sh: +63,915 -> +35,798 instructions per
+-- quiet update). But a BEFORE UPDATE trigger that changes other columns would go unseen by them,
+-- so they are used only while the table has no BEFORE UPDATE row trigger (any user trigger), and
+-- only where the event trigger provisioning_refresh_on_ddl exists (it regenerates the capture when
+-- such a trigger is created later; creating it needs a superuser).
+CREATE OR REPLACE FUNCTION provisioning.column_triggers_safe(p_table regclass) RETURNS boolean
+LANGUAGE sql STABLE AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl' AND evtenabled <> 'D')
+       AND NOT EXISTS (SELECT 1 FROM pg_trigger t
+                        WHERE t.tgrelid = p_table AND NOT t.tgisinternal
+                          AND t.tgfoid NOT IN (SELECT oid FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace)
+                          AND (t.tgtype & 2) <> 0      -- BEFORE
+                          AND (t.tgtype & 1) <> 0      -- FOR EACH ROW
+                          AND (t.tgtype & 16) <> 0)    -- UPDATE
+$fn$;
+
+-- (Re)generate the capture functions and triggers of one table and operation from its
+-- declarations; drop them when none is left. Insert and delete get one trigger each; update gets
+-- one trigger per run of consecutive events (in position order) that read the same columns, each
+-- listing them (see column_triggers_safe), or a single trigger for all when that is not safe or
+-- an event may read any column. Triggers fire in name order, so events keep their positions.
 CREATE OR REPLACE FUNCTION provisioning.generate_capture(p_relation text, p_operation text) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
     v_table   regclass := to_regclass(p_relation);
     v_fn      text := provisioning.capture_function(p_relation, p_operation);
     v_trigger text := 'prov_capture_' || p_operation;
+    v_split   boolean;
     v_body    text;
     v_test    text;
     v_cond    text;
@@ -565,30 +609,38 @@ DECLARE
     v_images  text;
     v_events  text;
     v_emit    text;
+    v_cols    text[];
+    v_group   int := 0;
+    v_groups  text[] := '{}';   -- the events code of each group
+    v_gsets   text[] := '{}';   -- each group's columns as a text[] literal ('' = any column)
+    v_names   text[] := '{}';   -- each group's trigger name
+    v_fns     text[] := '{}';   -- each group's function name
+    v_attrs   text;
+    v_collist text;
     e         record;
+    t         record;
+    i         int;
 BEGIN
     IF v_table IS NULL THEN
-        EXECUTE format('DROP FUNCTION IF EXISTS provisioning.%I() CASCADE', v_fn);
+        FOR t IN SELECT proname FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace
+                    AND (proname = v_fn OR proname LIKE v_fn || '\_g%') LOOP
+            EXECUTE format('DROP FUNCTION IF EXISTS provisioning.%I() CASCADE', t.proname);
+        END LOOP;
         RETURN;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM provisioning.capture_events WHERE relation = p_relation AND operation = p_operation) THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_trigger, p_relation);
-        EXECUTE format('DROP FUNCTION IF EXISTS provisioning.%I()', v_fn);
-        RETURN;
-    END IF;
-
-    IF NOT (has_table_privilege('provisioning.events', 'INSERT') AND has_table_privilege('provisioning.deliveries', 'INSERT')
+    IF EXISTS (SELECT 1 FROM provisioning.capture_events WHERE relation = p_relation AND operation = p_operation)
+       AND NOT (has_table_privilege('provisioning.events', 'INSERT') AND has_table_privilege('provisioning.deliveries', 'INSERT')
             AND has_table_privilege('provisioning.routes', 'SELECT') AND has_table_privilege('provisioning.relays', 'SELECT')) THEN
         RAISE EXCEPTION 'cannot generate the capture trigger of %: role % may not write to provisioning.events and provisioning.deliveries', p_relation, current_user
             USING HINT = 'Declare events as the owner of the provisioning schema (the role that ran install.sql).';
     END IF;
+    v_split := p_operation = 'update' AND provisioning.column_triggers_safe(v_table);
     -- the row images are built once, and only when an event fires. (prov_imaged starts NULL, not
     -- false: a default is an expression PL/pgSQL prepares again in every transaction, ~1,100
     -- instructions per row by bench/capture_instructions.sh.)
     v_images := format(E'        IF prov_imaged IS NULL THEN%s%s prov_imaged := true; END IF;\n',
                        CASE WHEN p_operation <> 'insert' THEN ' prov_old := pg_catalog.to_jsonb(OLD);' ELSE '' END,
                        CASE WHEN p_operation <> 'delete' THEN ' prov_new := pg_catalog.to_jsonb(NEW);' ELSE '' END);
-    v_events := '';
     FOR e IN SELECT ce.*, c.entity, c.key_column
                FROM provisioning.capture_events ce JOIN provisioning.captures c USING (relation)
               WHERE ce.relation = p_relation AND ce.operation = p_operation
@@ -609,49 +661,97 @@ BEGIN
         v_emit := v_images || provisioning.event_write(e.event, e.entity, e.key_column, e.data_shape, e.json_column,
                                                        e.exclude_columns, p_operation, p_relation);
         IF v_test IS NULL THEN  -- always: no IF to evaluate
-            v_events := v_events || format(E'    -- %s (position %s, always)\n%s', e.event, e.position,
-                                           regexp_replace(v_emit, '^    ', '', 'gn'));
+            v_events := format(E'    -- %s (position %s, always)\n%s', e.event, e.position,
+                               regexp_replace(v_emit, '^    ', '', 'gn'));
         ELSE
-            v_events := v_events || format(E'    -- %s (position %s)\n    IF %s THEN\n%s    END IF;\n',
-                                           e.event, e.position, v_test, v_emit);
+            v_events := format(E'    -- %s (position %s)\n    IF %s THEN\n%s    END IF;\n',
+                               e.event, e.position, v_test, v_emit);
         END IF;
+        -- a new group when this event reads other columns than the previous one
+        v_cols := NULL;
+        IF v_split AND v_test IS NOT NULL THEN
+            v_cols := provisioning.condition_columns(v_table, v_test);
+        END IF;
+        IF v_group = 0 OR (v_split AND v_gsets[v_group] IS DISTINCT FROM coalesce(v_cols::text, '')) THEN
+            v_group := v_group + 1;
+            v_groups := v_groups || ''::text;
+            v_gsets := v_gsets || CASE WHEN v_split THEN coalesce(v_cols::text, '') ELSE '' END;
+        END IF;
+        v_groups[v_group] := v_groups[v_group] || v_events;
     END LOOP;
 
-    -- Everything the generated code names itself is schema-qualified (it runs as the owner). Every
-    -- IF costs each transaction a little (PL/pgSQL prepares its expression once per transaction),
-    -- so the common path has one test before the events: "suppressed, or an unusual search_path?"
-    v_body := format(E'-- Generated by provisioning.declare_event() from provisioning.capture_events: events on %s of %s.\n'
-                     '-- Do not edit: declare_event(), drop_event() and refresh() rebuild it.\n'
-                     'DECLARE\n    prov_old jsonb;\n    prov_new jsonb;\n    prov_imaged boolean;\n    prov_rang boolean;\n    prov_path text;\n'
-                     'BEGIN\n'
-                     '    IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on''\n'
-                     '       OR (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) ''pg_catalog'' THEN\n'
-                     '        -- changes made by the relay (before-stage decisions) emit nothing\n'
-                     '        IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on'' THEN RETURN NULL; END IF;\n'
-                     '        -- This function runs as the schema owner, but PL/pgSQL plans the conditions with the\n'
-                     '        -- writer''s search_path. A path that puts any schema before pg_catalog could redefine\n'
-                     '        -- the operators and types they use, so such writers get a safe path for this call. (A\n'
-                     '        -- SET clause on the function would do it for every writer, at ~20 us per row.)\n'
-                     '        prov_path := pg_catalog.current_setting(''search_path'');\n'
-                     '        PERFORM pg_catalog.set_config(''search_path'', ''pg_catalog, pg_temp'', true);\n'
-                     '%s'
-                     '        PERFORM pg_catalog.set_config(''search_path'', prov_path, true);\n'
-                     '        RETURN NULL;\n'
-                     '    END IF;\n'
-                     '%s'
-                     '    RETURN NULL;\n'
-                     'END\n',
-                     p_operation, p_relation,
-                     regexp_replace(v_events, '^(.)', '    \1', 'gn'), v_events);
-
-    -- SECURITY DEFINER without SET search_path: see the search_path guard in the body.
-    EXECUTE format('CREATE OR REPLACE FUNCTION provisioning.%I() RETURNS trigger LANGUAGE plpgsql '
-                   'SECURITY DEFINER AS %L', v_fn, v_body);
-    EXECUTE format('REVOKE ALL ON FUNCTION provisioning.%I() FROM PUBLIC', v_fn);
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = v_table AND tgname = v_trigger) THEN
-        EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION provisioning.%I()',
-                       v_trigger, upper(p_operation), p_relation, v_fn);
+    IF v_group = 1 THEN
+        v_names := ARRAY[v_trigger];
+        v_fns := ARRAY[v_fn];
+    ELSE
+        FOR i IN 1 .. v_group LOOP
+            v_names := v_names || format('%s_%s', v_trigger, lpad(i::text, 2, '0'));
+            v_fns := v_fns || format('%s_g%s', v_fn, i);
+        END LOOP;
     END IF;
+    -- Our own CREATE TRIGGER must not make the DDL event trigger regenerate this capture again.
+    PERFORM set_config('provisioning.generating', 'on', true);
+    -- Triggers and functions of an earlier generation that this one does not use.
+    FOR t IN SELECT tg.tgname FROM pg_trigger tg
+              WHERE tg.tgrelid = v_table AND NOT tg.tgisinternal
+                AND (tg.tgname = v_trigger OR tg.tgname ~ ('^' || v_trigger || '_[0-9]+$'))
+                AND NOT (tg.tgname = ANY (v_names)) LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, p_relation);
+    END LOOP;
+    FOR t IN SELECT proname FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace
+                AND (proname = v_fn OR proname LIKE v_fn || '\_g%') AND NOT (proname = ANY (v_fns)) LOOP
+        EXECUTE format('DROP FUNCTION provisioning.%I()', t.proname);
+    END LOOP;
+
+    FOR i IN 1 .. v_group LOOP
+        -- Everything the generated code names itself is schema-qualified (it runs as the owner).
+        -- Every IF costs each transaction a little (PL/pgSQL prepares its expression once per
+        -- transaction), so the common path has one test before the events: "suppressed, or an
+        -- unusual search_path?"
+        v_body := format(E'-- Generated by provisioning.declare_event() from provisioning.capture_events: events on %s of %s%s.\n'
+                         '-- Do not edit: declare_event(), drop_event() and refresh() rebuild it.\n'
+                         'DECLARE\n    prov_old jsonb;\n    prov_new jsonb;\n    prov_imaged boolean;\n    prov_rang boolean;\n    prov_path text;\n'
+                         'BEGIN\n'
+                         '    IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on''\n'
+                         '       OR (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) ''pg_catalog'' THEN\n'
+                         '        -- changes made by the relay (before-stage decisions) emit nothing\n'
+                         '        IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on'' THEN RETURN NULL; END IF;\n'
+                         '        -- This function runs as the schema owner, but PL/pgSQL plans the conditions with the\n'
+                         '        -- writer''s search_path. A path that puts any schema before pg_catalog could redefine\n'
+                         '        -- the operators and types they use, so such writers get a safe path for this call. (A\n'
+                         '        -- SET clause on the function would do it for every writer, at ~20 us per row.)\n'
+                         '        prov_path := pg_catalog.current_setting(''search_path'');\n'
+                         '        PERFORM pg_catalog.set_config(''search_path'', ''pg_catalog, pg_temp'', true);\n'
+                         '%s'
+                         '        PERFORM pg_catalog.set_config(''search_path'', prov_path, true);\n'
+                         '        RETURN NULL;\n'
+                         '    END IF;\n'
+                         '%s'
+                         '    RETURN NULL;\n'
+                         'END\n',
+                         p_operation, p_relation,
+                         CASE WHEN v_gsets[i] <> '' THEN format(' (trigger %s: updates that assign any of %s)', v_names[i], v_gsets[i]) ELSE '' END,
+                         regexp_replace(v_groups[i], '^(.)', '    \1', 'gn'), v_groups[i]);
+        -- SECURITY DEFINER without SET search_path: see the search_path guard in the body.
+        EXECUTE format('CREATE OR REPLACE FUNCTION provisioning.%I() RETURNS trigger LANGUAGE plpgsql '
+                       'SECURITY DEFINER AS %L', v_fns[i], v_body);
+        EXECUTE format('REVOKE ALL ON FUNCTION provisioning.%I() FROM PUBLIC', v_fns[i]);
+        -- A trigger is re-created only when its column list changed.
+        SELECT coalesce(string_agg(a.attnum::text, ' ' ORDER BY a.attnum), ''),
+               string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
+          INTO v_attrs, v_collist
+          FROM pg_attribute a
+         WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]);
+        IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = v_table AND tg.tgname = v_names[i]
+                      AND tg.tgattr::text IS DISTINCT FROM v_attrs) THEN
+            EXECUTE format('DROP TRIGGER %I ON %s', v_names[i], p_relation);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = v_table AND tg.tgname = v_names[i]) THEN
+            EXECUTE format('CREATE TRIGGER %I AFTER %s%s ON %s FOR EACH ROW EXECUTE FUNCTION provisioning.%I()',
+                           v_names[i], upper(p_operation), coalesce(' OF ' || v_collist, ''), p_relation, v_fns[i]);
+        END IF;
+    END LOOP;
+    PERFORM set_config('provisioning.generating', '', true);
 END
 $fn$;
 
@@ -978,6 +1078,58 @@ BEGIN
      WHERE event_id = d.event_id AND status = 'waiting';
 END
 $fn$;
+
+-- Regenerate a captured table's capture when a trigger is created on it (a BEFORE UPDATE trigger
+-- may change columns that column-specific capture triggers would not see: see
+-- column_triggers_safe) or the table is altered (new columns join the "changed" comparison).
+-- Runs as the installer (a superuser): the role issuing the DDL needs no rights on this schema.
+CREATE OR REPLACE FUNCTION provisioning.refresh_on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    c       record;
+    v_table oid;
+BEGIN
+    IF current_setting('provisioning.generating', true) = 'on' THEN
+        RETURN;  -- generate_capture() creating its own triggers
+    END IF;
+    FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        v_table := NULL;
+        IF c.command_tag = 'CREATE TRIGGER' AND c.classid = 'pg_trigger'::regclass THEN
+            SELECT t.tgrelid INTO v_table FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE t.oid = c.objid AND p.pronamespace <> 'provisioning'::regnamespace;
+        ELSIF c.command_tag = 'ALTER TABLE' AND c.classid = 'pg_class'::regclass THEN
+            v_table := c.objid;
+        END IF;
+        CONTINUE WHEN v_table IS NULL
+              OR NOT EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = provisioning.relation_name(v_table));
+        BEGIN
+            PERFORM provisioning.refresh(v_table::regclass);
+        EXCEPTION WHEN OTHERS THEN
+            IF c.command_tag = 'CREATE TRIGGER' THEN
+                -- column-specific capture triggers must not stay next to a BEFORE trigger
+                RAISE EXCEPTION 'provisioning: cannot regenerate the capture of % for the new trigger: %', v_table::regclass, SQLERRM
+                    USING HINT = 'Fix the event declarations of the table (provisioning.capture_events), then create the trigger again.';
+            END IF;
+            RAISE WARNING 'provisioning: cannot regenerate the capture of % after ALTER TABLE: %', v_table::regclass, SQLERRM
+                USING HINT = format('Fix its event declarations, then run SELECT provisioning.refresh(%L);', v_table::regclass::text);
+        END;
+    END LOOP;
+END
+$fn$;
+REVOKE ALL ON FUNCTION provisioning.refresh_on_ddl() FROM PUBLIC;
+
+-- Event triggers need a superuser. Without one, update captures keep a single trigger that fires on
+-- every UPDATE (column_triggers_safe() is false) and ALTER TABLE needs a manual refresh().
+DO $event_trigger$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl')
+       AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        CREATE EVENT TRIGGER provisioning_refresh_on_ddl ON ddl_command_end
+            WHEN TAG IN ('CREATE TRIGGER', 'ALTER TABLE')
+            EXECUTE FUNCTION provisioning.refresh_on_ddl();
+    END IF;
+END
+$event_trigger$;
 
 -- Routes and generated capture functions are derived data: rebuild them from the declarations, so
 -- that running this file again (or a newer one) brings existing captures up to its code.

@@ -32,5 +32,6 @@ BEGIN
 END
 $uninstall$;
 
+DROP EVENT TRIGGER IF EXISTS provisioning_refresh_on_ddl;
 DROP SCHEMA IF EXISTS provisioning CASCADE;
 COMMIT;

@@ -1147,10 +1147,11 @@ async fn installing_twice_changes_nothing() {
         count(c, "SELECT count(*) FROM provisioning.schema_version").await,
         1
     );
+    // insert, delete, and the update events in their four column groups; none duplicated
     assert_eq!(
         count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_%'").await,
-        3,
-        "one capture trigger per operation"
+        6,
+        "capture triggers of clients"
     );
 
     // capture emits exactly one event per change: no duplicated triggers
@@ -1722,8 +1723,9 @@ async fn declarations_name_tables_the_same_way_whatever_the_search_path() {
     )
     .await
     .expect("declarations work with another search_path");
-    // the table's update trigger is regenerated to check the new event too: no trigger added
-    assert_eq!(prov_trigger_count(c).await, triggers);
+    // the table's update capture is regenerated: the new event reads another column (credit) than
+    // the group before it, so it gets a trigger of its own, and nothing else is added
+    assert_eq!(prov_trigger_count(c).await, triggers + 1);
     let evs = change(
         c,
         "UPDATE public.clients SET credit = 5000, name = 'rich' WHERE id = 1",
@@ -2179,18 +2181,21 @@ async fn generated_capture_code_is_static_and_one_trigger_per_operation() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    // insert, update and delete on each of the three preset tables
-    assert_eq!(bodies.len(), 9, "{bodies:#?}");
+    // insert and delete on each of the three preset tables; update in column groups: clients 4
+    // (details, custom fields, balance, status), accounts 1, client_packages 2 (status + details,
+    // status)
+    assert_eq!(bodies.len(), 13, "{bodies:#?}");
     for (name, body) in &bodies {
         // no dynamic SQL per row
         assert!(!body.to_uppercase().contains("EXECUTE"), "{name}:\n{body}");
         assert!(body.contains("provisioning.suppress"), "{name}:\n{body}");
     }
-    let update = &bodies
+    // the update capture of clients: its groups in trigger (= name) order
+    let update: String = bodies
         .iter()
-        .find(|(n, _)| n.starts_with("capture_update_clients_"))
-        .unwrap()
-        .1;
+        .filter(|(n, _)| n.starts_with("capture_update_clients_"))
+        .map(|(_, b)| b.as_str())
+        .collect();
     // the events appear in their documented order
     let positions: Vec<usize> = [
         "'clients.update'",
@@ -2485,5 +2490,175 @@ async fn changed_events_on_columns_without_an_equality_operator() {
         )
         .await,
         &[],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column-specific update triggers
+// ---------------------------------------------------------------------------------------------
+
+/// The update capture of clients is split into triggers by the columns their events read, so a
+/// balance-only UPDATE runs the balance events' function and nothing else.
+#[tokio::test]
+async fn a_balance_only_update_runs_only_the_balance_capture() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    let triggers: Vec<(String, String)> = c
+        .query(
+            "SELECT t.tgname::text,
+                    coalesce((SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_attribute a
+                               WHERE a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr::int2[])), '')
+               FROM pg_trigger t
+              WHERE t.tgrelid = 'clients'::regclass AND t.tgname LIKE 'prov\\_capture\\_update%'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expect = |n: &str, cols: &str| (n.to_string(), cols.to_string());
+    assert_eq!(
+        triggers,
+        [
+            expect(
+                "prov_capture_update_01",
+                "company,credit,currency,email,id,name,status"
+            ),
+            expect("prov_capture_update_02", "custom_fields"),
+            expect("prov_capture_update_03", "balance"),
+            expect("prov_capture_update_04", "status"),
+        ]
+    );
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute("SET track_functions = 'all'")
+        .await
+        .unwrap();
+    // Calls of each update capture function by one statement: the backend's counters read before
+    // and after it inside one transaction (they are not flushed while a transaction is open).
+    let counters = || async move {
+        c.query(
+            "SELECT funcname::text, calls FROM pg_stat_xact_user_functions
+              WHERE schemaname = 'provisioning' AND funcname LIKE 'capture\\_update\\_clients\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect::<std::collections::BTreeMap<String, i64>>()
+    };
+    let calls = |sql: &'static str| async move {
+        c.batch_execute("BEGIN").await.unwrap();
+        let before = counters().await;
+        c.batch_execute(sql).await.unwrap();
+        let after = counters().await;
+        c.batch_execute("COMMIT").await.unwrap();
+        after
+            .iter()
+            .filter(|(f, n)| **n > before.get(*f).copied().unwrap_or(0))
+            .map(|(f, n)| {
+                format!(
+                    "{}={}",
+                    &f[f.len() - 2..],
+                    n - before.get(f).copied().unwrap_or(0)
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        calls("UPDATE clients SET balance = balance + 1 WHERE id = 1").await,
+        ["g3=1"]
+    );
+    assert_eq!(
+        calls("UPDATE clients SET name = 'x', balance = -1 WHERE id = 1").await,
+        ["g1=1", "g3=1"]
+    );
+    // and the events are the same as with one trigger, in position order
+    let evs = change(
+        c,
+        "UPDATE clients SET status = 'archived', custom_fields = '{\"a\": 1}', balance = 7, name = 'y' WHERE id = 1",
+    )
+    .await;
+    assert_eq!(
+        names(&evs),
+        [
+            "clients.custom_fields.update",
+            "clients.balance_notzero",
+            "clients.archive"
+        ]
+    );
+    let evs = change(
+        c,
+        "UPDATE clients SET custom_fields = '{}', balance = -1, name = 'z' WHERE id = 1",
+    )
+    .await;
+    assert_eq!(
+        names(&evs),
+        [
+            "clients.update",
+            "clients.custom_fields.update",
+            "clients.balance_zero"
+        ]
+    );
+}
+
+/// A BEFORE UPDATE trigger may change columns the UPDATE did not assign, which column-specific
+/// triggers would not see: creating one makes the capture go back to a single trigger for every
+/// UPDATE, at once (an event trigger regenerates it).
+#[tokio::test]
+async fn a_before_trigger_created_later_has_its_changes_captured() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute(
+        "CREATE FUNCTION suspend_at_zero() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF new.balance <= 0 THEN new.status := 'suspended'; END IF; RETURN new; END $$;
+         CREATE TRIGGER suspend_at_zero BEFORE UPDATE ON clients FOR EACH ROW EXECUTE FUNCTION suspend_at_zero();",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_capture\\_update%'").await,
+        1
+    );
+    let evs = change(c, "UPDATE clients SET balance = -7 WHERE id = 1").await;
+    assert_events(
+        &evs,
+        &[
+            (
+                "clients.update",
+                json!(1),
+                json!({"id": 1, "status": "suspended"}),
+            ),
+            ("clients.balance_zero", json!(1), json!({})),
+        ],
+    );
+    // without it (and a refresh), the column groups come back
+    c.batch_execute(
+        "DROP TRIGGER suspend_at_zero ON clients; SELECT provisioning.refresh('clients')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_capture\\_update%'").await,
+        4
+    );
+}
+
+/// A column added to a captured table joins the "changed" comparison without a manual refresh.
+#[tokio::test]
+async fn a_column_added_to_a_captured_table_is_captured_at_once() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute("ALTER TABLE clients ADD COLUMN note text")
+        .await
+        .unwrap();
+    let evs = change(c, "UPDATE clients SET note = 'vip' WHERE id = 1").await;
+    assert_events(
+        &evs,
+        &[("clients.update", json!(1), json!({"id": 1, "note": "vip"}))],
     );
 }

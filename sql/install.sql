@@ -576,14 +576,16 @@ $fn$;
 -- listed column is assigned by the UPDATE, so a balance-only UPDATE of `clients` runs only the
 -- balance events' trigger (bench/capture_instructions.sh: +63,915 -> +35,798 instructions per
 -- quiet update). But a BEFORE UPDATE trigger that changes other columns would go unseen by them,
--- so they are used only while the table has no BEFORE UPDATE row trigger (any user trigger), and
+-- so they are used only while the table (and its partitions) has no BEFORE UPDATE row trigger, and
 -- only where the event trigger provisioning_refresh_on_ddl exists (it regenerates the capture when
 -- such a trigger is created later; creating it needs a superuser).
 CREATE OR REPLACE FUNCTION provisioning.column_triggers_safe(p_table regclass) RETURNS boolean
 LANGUAGE sql STABLE AS $fn$
     SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl' AND evtenabled <> 'D')
        AND NOT EXISTS (SELECT 1 FROM pg_trigger t
-                        WHERE t.tgrelid = p_table AND NOT t.tgisinternal
+                        -- a partition's own BEFORE triggers count too
+                        WHERE t.tgrelid IN (SELECT p_table UNION SELECT relid FROM pg_partition_tree(p_table))
+                          AND NOT t.tgisinternal
                           AND t.tgfoid NOT IN (SELECT oid FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace)
                           AND (t.tgtype & 2) <> 0      -- BEFORE
                           AND (t.tgtype & 1) <> 0      -- FOR EACH ROW
@@ -1088,6 +1090,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     c       record;
     v_table oid;
+    v_rel   regclass;
 BEGIN
     IF current_setting('provisioning.generating', true) = 'on' THEN
         RETURN;  -- generate_capture() creating its own triggers
@@ -1100,19 +1103,22 @@ BEGIN
         ELSIF c.command_tag = 'ALTER TABLE' AND c.classid = 'pg_class'::regclass THEN
             v_table := c.objid;
         END IF;
-        CONTINUE WHEN v_table IS NULL
-              OR NOT EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = provisioning.relation_name(v_table));
-        BEGIN
-            PERFORM provisioning.refresh(v_table::regclass);
-        EXCEPTION WHEN OTHERS THEN
-            IF c.command_tag = 'CREATE TRIGGER' THEN
-                -- column-specific capture triggers must not stay next to a BEFORE trigger
-                RAISE EXCEPTION 'provisioning: cannot regenerate the capture of % for the new trigger: %', v_table::regclass, SQLERRM
-                    USING HINT = 'Fix the event declarations of the table (provisioning.capture_events), then create the trigger again.';
-            END IF;
-            RAISE WARNING 'provisioning: cannot regenerate the capture of % after ALTER TABLE: %', v_table::regclass, SQLERRM
-                USING HINT = format('Fix its event declarations, then run SELECT provisioning.refresh(%L);', v_table::regclass::text);
-        END;
+        CONTINUE WHEN v_table IS NULL;
+        -- the table itself, or the captured table it is a partition of
+        FOR v_rel IN SELECT r FROM (SELECT v_table::regclass AS r UNION SELECT relid FROM pg_partition_ancestors(v_table)) x
+                      WHERE EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = provisioning.relation_name(x.r)) LOOP
+            BEGIN
+                PERFORM provisioning.refresh(v_rel);
+            EXCEPTION WHEN OTHERS THEN
+                IF c.command_tag = 'CREATE TRIGGER' THEN
+                    -- column-specific capture triggers must not stay next to a BEFORE trigger
+                    RAISE EXCEPTION 'provisioning: cannot regenerate the capture of % for the new trigger: %', v_rel, SQLERRM
+                        USING HINT = 'Fix the event declarations of the table (provisioning.capture_events), then create the trigger again.';
+                END IF;
+                RAISE WARNING 'provisioning: cannot regenerate the capture of % after ALTER TABLE: %', v_rel, SQLERRM
+                    USING HINT = format('Fix its event declarations, then run SELECT provisioning.refresh(%L);', v_rel::text);
+            END;
+        END LOOP;
     END LOOP;
 END
 $fn$;

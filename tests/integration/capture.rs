@@ -2662,3 +2662,37 @@ async fn a_column_added_to_a_captured_table_is_captured_at_once() {
         &[("clients.update", json!(1), json!({"id": 1, "note": "vip"}))],
     );
 }
+
+/// A BEFORE trigger on one partition of a captured partitioned table counts too.
+#[tokio::test]
+async fn a_before_trigger_on_a_partition_has_its_changes_captured() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE calls (id bigint, day date, cost numeric, flagged boolean NOT NULL DEFAULT false,
+                             PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE calls_2025 PARTITION OF calls FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         SELECT provisioning.attach('calls', 'calls', 'id');
+         SELECT provisioning.declare_event('calls.flagged', 'calls', 'update', 'new.flagged AND NOT old.flagged', 'empty');
+         SELECT provisioning.declare_event('calls.costly', 'calls', 'update', 'new.cost > 100 AND old.cost <= 100', 'empty');
+         INSERT INTO calls VALUES (1, '2025-06-01', 5), (2, '2025-06-02', 5);",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'calls'::regclass AND tgname LIKE 'prov\\_capture\\_update\\_%'").await,
+        2,
+        "one trigger per column group while no BEFORE trigger exists"
+    );
+    let evs = change(c, "UPDATE calls SET cost = 500 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["calls.costly"]);
+    c.batch_execute(
+        "CREATE FUNCTION flag_costly() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF new.cost > 100 THEN new.flagged := true; END IF; RETURN new; END $$;
+         CREATE TRIGGER flag_costly BEFORE UPDATE ON calls_2025 FOR EACH ROW EXECUTE FUNCTION flag_costly();",
+    )
+    .await
+    .unwrap();
+    let evs = change(c, "UPDATE calls SET cost = 500 WHERE id = 2").await;
+    assert_eq!(names(&evs), ["calls.flagged", "calls.costly"]);
+}

@@ -2,7 +2,7 @@
 -- delivery of the same handler and object is unfinished (per-object order). Row locks are held
 -- only by this statement: ownership lives in lease columns, and the claim commits at once.
 -- $3 relay name, $4 claim token, $5[i] lease length in ms for handler $1[i], $6[i] whether handler
--- $1[i] needs the old and new row images (the `full` format; NULL for the others).
+-- $1[i] needs the old and new row images (only the `full` format sends them; others get NULLs).
 WITH candidates AS (
     SELECT c.id
       FROM unnest($1::bigint[], $2::int[]) AS h(handler_id, lim)

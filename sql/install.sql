@@ -383,9 +383,10 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 );
 
 ------------------------------------------------------------------------------------------------------
--- Capture. For every watched table and operation, declare_event() generates ONE trigger
+-- Capture. For every watched table and operation, declare_event() generates a trigger
 -- (prov_capture_insert / _update / _delete) and its own PL/pgSQL function, rebuilt from
--- provisioning.capture_events whenever a declaration changes:
+-- provisioning.capture_events whenever a declaration changes. (Update events may be split into
+-- column-specific triggers prov_capture_update_01, _02, ...: see generate_capture().)
 --
 --   IF <suppressed, or an unusual search_path> THEN ... (the same events with a safe path) END IF;
 --   IF <condition of the first event> THEN <write it and its deliveries> END IF;  -- position order

@@ -2497,6 +2497,17 @@ async fn changed_events_on_columns_without_an_equality_operator() {
 // Column-specific update triggers
 // ---------------------------------------------------------------------------------------------
 
+/// How many capture triggers a table has for updates (`prov_capture_update` or its column groups).
+async fn update_capture_triggers(c: &Client, table: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname LIKE 'prov\\_capture\\_update%'",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// The update capture of clients is split into triggers by the columns their events read, so a
 /// balance-only UPDATE runs the balance events' function and nothing else.
 #[tokio::test]
@@ -2619,10 +2630,7 @@ async fn a_before_trigger_created_later_has_its_changes_captured() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_capture\\_update%'").await,
-        1
-    );
+    assert_eq!(update_capture_triggers(c, "clients").await, 1);
     let evs = change(c, "UPDATE clients SET balance = -7 WHERE id = 1").await;
     assert_events(
         &evs,
@@ -2641,10 +2649,7 @@ async fn a_before_trigger_created_later_has_its_changes_captured() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clients'::regclass AND tgname LIKE 'prov\\_capture\\_update%'").await,
-        4
-    );
+    assert_eq!(update_capture_triggers(c, "clients").await, 4);
 }
 
 /// A column added to a captured table joins the "changed" comparison without a manual refresh.
@@ -2680,7 +2685,7 @@ async fn a_before_trigger_on_a_partition_has_its_changes_captured() {
     .await
     .unwrap();
     assert_eq!(
-        count(c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'calls'::regclass AND tgname LIKE 'prov\\_capture\\_update\\_%'").await,
+        update_capture_triggers(c, "calls").await,
         2,
         "one trigger per column group while no BEFORE trigger exists"
     );

@@ -9,7 +9,7 @@
 //! retry, or the poll timer — whichever comes first. So under steady traffic, even a light one,
 //! writers never pay for NOTIFY's commit-time lock, and an idle relay still wakes in milliseconds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,11 +73,29 @@ impl Default for WorkerOptions {
     }
 }
 
+/// One handler's claimed deliveries in this process: at most `max_in_flight` attempts run at once;
+/// up to as many more wait here, already claimed, so that a slot that frees up is refilled at
+/// once instead of after the next claim's round trip (the claim is the pipeline's slowest step).
+#[derive(Default)]
+struct HandlerSlots {
+    /// Attempts running now.
+    running: u32,
+    /// Claimed, waiting for a slot (in dispatch order).
+    queued: VecDeque<Claimed>,
+}
+
+impl HandlerSlots {
+    /// Claimed and not yet finished: what counts against the handler's claim window.
+    fn claimed(&self) -> usize {
+        self.running as usize + self.queued.len()
+    }
+}
+
 /// Counters shared by the dispatcher and the completer.
 struct Shared {
     /// Rung by completions (capacity freed), the doorbell, handler changes, recovered leases.
     wake: Arc<Notify>,
-    in_flight: Mutex<HashMap<i64, u32>>,
+    slots: Mutex<HashMap<i64, HandlerSlots>>,
     total_in_flight: AtomicUsize,
     /// The earliest retry scheduled by this process that is not yet due.
     next_due: Mutex<Option<Instant>>,
@@ -112,7 +130,7 @@ impl Relay {
         } = self;
         let shared = Arc::new(Shared {
             wake: Arc::new(Notify::new()),
-            in_flight: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
             total_in_flight: AtomicUsize::new(0),
             next_due: Mutex::new(None),
         });
@@ -166,22 +184,38 @@ impl Relay {
         // Deliveries stop on `hard_stop` (after the grace period) and release their claim.
         let hard_stop = CancellationToken::new();
         let deliveries = TaskTracker::new();
-        dispatch(
-            &store,
-            &registry,
-            &transports,
-            &options,
-            &shared,
-            &done_tx,
-            &deliveries,
-            &hard_stop,
-            &shutdown,
-        )
-        .await;
+        let attempts = Attempts {
+            registry: registry.clone(),
+            transports,
+            store: store.clone(),
+            shared: shared.clone(),
+            done_tx: done_tx.clone(),
+            tracker: deliveries.clone(),
+            hard_stop: hard_stop.clone(),
+            shutdown: shutdown.clone(),
+            max_retry_after: options.max_retry_after,
+        };
+        dispatch(&store, &registry, &options, &shared, &attempts, &shutdown).await;
 
-        // Shutdown: no more claims. Let in-flight deliveries finish within the grace period.
+        // Shutdown: no more claims, and no more attempts start. Claimed deliveries still waiting
+        // for a slot go back at once; running ones may finish within the grace period.
+        let waiting: Vec<Claimed> = {
+            let mut slots = shared.slots.lock().expect("slots lock");
+            slots
+                .values_mut()
+                .flat_map(|s| s.queued.drain(..))
+                .collect()
+        };
+        for c in &waiting {
+            let _ = done_tx.send(release(
+                c.delivery_id,
+                c.handler_id,
+                c.token,
+                "relay shut down before the attempt started",
+            ));
+        }
         let in_flight = shared.total_in_flight.load(Ordering::SeqCst);
-        tracing::info!(in_flight, grace = ?options.shutdown_grace, "shutting down: claiming stopped");
+        tracing::info!(in_flight, released = waiting.len(), grace = ?options.shutdown_grace, "shutting down: claiming stopped");
         deliveries.close();
         if tokio::time::timeout(options.shutdown_grace, deliveries.wait())
             .await
@@ -191,6 +225,7 @@ impl Relay {
             hard_stop.cancel();
             deliveries.wait().await;
         }
+        drop(attempts); // holds a sender of outcomes too
         drop(done_tx);
         let _ = completer.await;
         background.cancel();
@@ -203,16 +238,12 @@ impl Relay {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     store: &Store,
     registry: &Arc<Registry>,
-    transports: &Transports,
     options: &WorkerOptions,
     shared: &Arc<Shared>,
-    done_tx: &mpsc::UnboundedSender<Completion>,
-    deliveries: &TaskTracker,
-    hard_stop: &CancellationToken,
+    attempts: &Attempts,
     shutdown: &CancellationToken,
 ) {
     let mut sleeping = false;
@@ -225,6 +256,8 @@ async fn dispatch(
             return;
         }
         let snapshot = registry.snapshot();
+        // A handler whose in-flight limit was raised: start waiting deliveries in the new slots.
+        attempts.start_waiting(&snapshot);
         let wants = wants(&snapshot, shared, options);
         let requested: i64 = wants.iter().map(|w| w.limit as i64).sum();
         let token: i64 = rand::thread_rng().gen();
@@ -245,10 +278,7 @@ async fn dispatch(
         };
         let got = claimed.len() as i64;
         if got > 0 {
-            start_deliveries(
-                claimed, &snapshot, store, transports, options, shared, done_tx, deliveries,
-                hard_stop,
-            );
+            attempts.start(claimed, &snapshot);
             last_work = Some(Instant::now());
             busy_pause = options.busy_poll_interval;
             // Work is flowing: stay awake, so that writers stop ringing the doorbell.
@@ -316,6 +346,11 @@ async fn dispatch(
 }
 
 /// How many deliveries to ask for, per enabled handler, within the per-handler and total limits.
+///
+/// A handler's claim window is twice its `max_in_flight`: as many deliveries as may run, and as
+/// many again waiting for a slot. While a claim is on its way, finishing attempts start waiting
+/// ones instead of leaving their slots empty, and claims come in batches of at least half a
+/// window rather than one per finished attempt.
 fn wants(
     snapshot: &HashMap<i64, Arc<Handler>>,
     shared: &Shared,
@@ -326,7 +361,7 @@ fn wants(
         .max_in_flight
         .saturating_sub(total)
         .min(options.claim_batch);
-    let in_flight = shared.in_flight.lock().expect("in_flight lock");
+    let slots = shared.slots.lock().expect("slots lock");
     let mut handlers: Vec<&Arc<Handler>> = snapshot
         .values()
         .filter(|h| h.status == Status::Enabled)
@@ -337,17 +372,27 @@ fn wants(
         if room == 0 {
             break;
         }
-        let busy = in_flight.get(&h.id).copied().unwrap_or(0);
-        let free = (h.max_in_flight.saturating_sub(busy) as usize).min(room);
-        // Claim in batches: with deliveries still running, wait until a quarter of the
-        // handler's slots are free rather than claiming one delivery per finished attempt.
-        let worth_a_claim = busy == 0 || free >= (h.max_in_flight as usize / 4).max(1);
+        let limit = h.max_in_flight as usize;
+        let (running, claimed) = slots
+            .get(&h.id)
+            .map(|s| (s.running as usize, s.claimed()))
+            .unwrap_or((0, 0));
+        let free = (2 * limit).saturating_sub(claimed).min(room);
+        let worth_a_claim = claimed == 0 || free >= (limit / 2).max(1);
         if free > 0 && worth_a_claim {
             room -= free;
+            // More than the free slots: some will wait. A waiting delivery starts within one
+            // timeout (every attempt running now ends within its timeout and starts the next
+            // waiting one), so its lease covers two.
+            let attempts = if free > limit.saturating_sub(running) {
+                2
+            } else {
+                1
+            };
             out.push(Want {
                 handler_id: h.id,
                 limit: free as i32,
-                lease: h.timeout + options.lease_margin,
+                lease: h.timeout * attempts + options.lease_margin,
                 row_images: h.format == crate::delivery::envelope::Format::Full,
             });
         }
@@ -355,66 +400,118 @@ fn wants(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn start_deliveries(
-    mut claimed: Vec<Claimed>,
-    snapshot: &HashMap<i64, Arc<Handler>>,
-    store: &Store,
-    transports: &Transports,
-    options: &WorkerOptions,
-    shared: &Arc<Shared>,
-    done_tx: &mpsc::UnboundedSender<Completion>,
-    deliveries: &TaskTracker,
-    hard_stop: &CancellationToken,
-) {
-    // Dispatch order: event order, then handler priority.
-    claimed.sort_by_key(|c| {
-        (
-            c.event.id,
-            snapshot
-                .get(&c.handler_id)
-                .map(|h| h.priority)
-                .unwrap_or(i32::MAX),
-        )
-    });
-    {
-        let mut in_flight = shared.in_flight.lock().expect("in_flight lock");
-        for c in &claimed {
-            *in_flight.entry(c.handler_id).or_default() += 1;
-        }
-        shared
+/// What attempts need, shared by the tasks that run them.
+#[derive(Clone)]
+struct Attempts {
+    registry: Arc<Registry>,
+    transports: Transports,
+    store: Store,
+    shared: Arc<Shared>,
+    done_tx: mpsc::UnboundedSender<Completion>,
+    tracker: TaskTracker,
+    /// After the grace period: running attempts stop and release their claim.
+    hard_stop: CancellationToken,
+    /// No waiting delivery starts after this.
+    shutdown: CancellationToken,
+    max_retry_after: Duration,
+}
+
+impl Attempts {
+    /// Take freshly claimed deliveries: each starts now if its handler has a free slot, or waits.
+    fn start(&self, mut claimed: Vec<Claimed>, snapshot: &HashMap<i64, Arc<Handler>>) {
+        // Dispatch order: event order, then handler priority.
+        claimed.sort_by_key(|c| {
+            (
+                c.event.id,
+                snapshot
+                    .get(&c.handler_id)
+                    .map(|h| h.priority)
+                    .unwrap_or(i32::MAX),
+            )
+        });
+        self.shared
             .total_in_flight
             .fetch_add(claimed.len(), Ordering::SeqCst);
-    }
-    for c in claimed {
-        let handler = snapshot.get(&c.handler_id).cloned();
-        let transports = transports.clone();
-        let store = store.clone();
-        let done_tx = done_tx.clone();
-        let hard_stop = hard_stop.clone();
-        let max_retry_after = options.max_retry_after;
-        let shared = shared.clone();
-        deliveries.spawn(async move {
-            let (delivery_id, handler_id, token) = (c.delivery_id, c.handler_id, c.token);
-            let completion = tokio::select! {
-                biased;
-                _ = hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
-                done = deliver(handler, c, &transports, &store, max_retry_after) => done,
-            };
-            // The handler is done with it: its slot is free now, while the outcome waits for the
-            // completer. (Per-object order does not depend on this: the delivery stays `running`
-            // in the database, blocking its object's next one, until the outcome is committed.)
-            if let Some(n) = shared
-                .in_flight
-                .lock()
-                .expect("in_flight lock")
-                .get_mut(&handler_id)
-            {
-                *n = n.saturating_sub(1);
+        let mut now = Vec::new();
+        {
+            let mut slots = self.shared.slots.lock().expect("slots lock");
+            for c in claimed {
+                let limit = snapshot
+                    .get(&c.handler_id)
+                    .map_or(u32::MAX, |h| h.max_in_flight);
+                let s = slots.entry(c.handler_id).or_default();
+                if s.running < limit && s.queued.is_empty() {
+                    s.running += 1;
+                    now.push(c);
+                } else {
+                    s.queued.push_back(c);
+                }
             }
-            let _ = done_tx.send(completion);
-            shared.wake.notify_one();
+        }
+        for c in now {
+            self.spawn(c);
+        }
+    }
+
+    /// Fill slots that opened without an attempt ending (a raised `max_in_flight`).
+    fn start_waiting(&self, snapshot: &HashMap<i64, Arc<Handler>>) {
+        let mut now = Vec::new();
+        {
+            let mut slots = self.shared.slots.lock().expect("slots lock");
+            for (id, s) in slots.iter_mut() {
+                let limit = snapshot.get(id).map_or(u32::MAX, |h| h.max_in_flight);
+                while s.running < limit {
+                    let Some(c) = s.queued.pop_front() else { break };
+                    s.running += 1;
+                    now.push(c);
+                }
+            }
+        }
+        for c in now {
+            self.spawn(c);
+        }
+    }
+
+    /// One slot: runs the delivery, then the handler's next waiting one, until none waits.
+    fn spawn(&self, first: Claimed) {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let mut next = Some(first);
+            while let Some(c) = next {
+                let handler_id = c.handler_id;
+                // The definition as it is now: a delivery that waited may find its handler paused.
+                let handler = this.registry.get(handler_id);
+                let (delivery_id, token) = (c.delivery_id, c.token);
+                let completion = tokio::select! {
+                    biased;
+                    _ = this.hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
+                    done = deliver(handler, c, &this.transports, &this.store, this.max_retry_after) => done,
+                };
+                // (Per-object order does not depend on this task: the delivery stays `running` in
+                // the database, blocking its object's next one, until the outcome is committed.)
+                let _ = this.done_tx.send(completion);
+                next = this.next_waiting(handler_id);
+                this.shared.wake.notify_one();
+            }
         });
+    }
+
+    /// The slot of a finished attempt: hand it to the handler's next waiting delivery, or free it.
+    fn next_waiting(&self, handler_id: i64) -> Option<Claimed> {
+        let limit = self
+            .registry
+            .get(handler_id)
+            .map_or(u32::MAX, |h| h.max_in_flight);
+        let mut slots = self.shared.slots.lock().expect("slots lock");
+        let s = slots.get_mut(&handler_id)?;
+        // (running counts this slot: above the limit, it was lowered meanwhile)
+        if s.running <= limit && !self.shutdown.is_cancelled() {
+            if let Some(c) = s.queued.pop_front() {
+                return Some(c);
+            }
+        }
+        s.running = s.running.saturating_sub(1);
+        None
     }
 }
 

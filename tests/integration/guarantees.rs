@@ -1522,15 +1522,21 @@ async fn sigterm_releases_work_that_outlives_the_grace_period() {
         .await
         .unwrap();
     let mut r1 = RelayProcess::spawn(&db, "r1", &[("shutdown_grace_ms", "1000")], &[]);
-    eventually(WAIT, "3 hanging deliveries in flight", || async {
-        let running = count(
-            &db.client,
-            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
-        )
-        .await;
-        (rx.received_on("/s").len() >= 3 && running == 3).then_some(())
-    })
+    // All 5 claimed: 3 hanging attempts (the handler's limit) and 2 waiting for a slot.
+    eventually(
+        WAIT,
+        "3 hanging deliveries in flight, 2 waiting",
+        || async {
+            let running = count(
+                &db.client,
+                "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+            )
+            .await;
+            (rx.received_on("/s").len() >= 3 && running == 5).then_some(())
+        },
+    )
     .await;
+    assert_eq!(rx.received_on("/s").len(), 3, "max_in_flight = 3 exceeded");
     let t = Instant::now();
     r1.sigterm();
     let status = r1.wait_exit(Duration::from_secs(30)).await;

@@ -1873,6 +1873,65 @@ async fn a_handlers_in_flight_limit_holds() {
     }
 }
 
+#[tokio::test]
+async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
+    // A relay claims up to twice a handler's in-flight limit; the extra deliveries wait in the
+    // relay for a slot, already leased. With one slot and every answer taking 1.2 s of a 1.5 s
+    // timeout, the waiting delivery starts ~1.2 s after its claim and ends ~2.4 s after it: a
+    // lease of one timeout + margin (1.7 s) would run out mid-attempt and be recovered as a
+    // failed attempt and sent again. Its lease must cover the wait.
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.set_default(Answer::Delay(Duration::from_millis(1200), 200));
+    let hid = add_handler(
+        &db.client,
+        "one-slot",
+        &["clients.create"],
+        "http",
+        &rx.url("/w"),
+        "max_in_flight = 1, timeout_ms = 1500",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 4) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(&db, &[("lease_margin_ms", "200")]).await;
+    eventually(
+        WAIT,
+        "2 deliveries claimed: 1 running, 1 waiting",
+        || async {
+            let running = count(
+                &db.client,
+                "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+            )
+            .await;
+            (running == 2).then_some(())
+        },
+    )
+    .await;
+    wait_attempts(&db, hid, 4).await;
+    eventually(WAIT, "the queue empty", || async {
+        (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
+    })
+    .await;
+    relay.stop().await;
+    let log = attempts_of(&db, hid).await;
+    let failed: Vec<_> = log.iter().filter(|a| a.0 != "success").collect();
+    assert!(
+        failed.is_empty(),
+        "no attempt may fail (a lease ran out while waiting?): {failed:?}"
+    );
+    assert_eq!(
+        rx.received_on("/w").len(),
+        4,
+        "each delivery sent exactly once"
+    );
+}
+
 /// Wait until exactly `n` relays have declared themselves asleep.
 async fn wait_for_sleeping_relays(db: &TestDb, n: i64, what: &str) {
     eventually(WAIT, what, || async {

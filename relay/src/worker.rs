@@ -41,7 +41,7 @@ pub struct WorkerOptions {
     pub claim_batch: usize,
     /// Most deliveries in flight in this process, over all handlers.
     pub max_in_flight: usize,
-    /// Lease = handler timeout + this margin.
+    /// Lease = handler timeout + this margin (two timeouts + this margin for a claim that waits).
     pub lease_margin: Duration,
     /// Upper bound for a handler's `Retry-After`.
     pub max_retry_after: Duration,

@@ -346,58 +346,87 @@ async fn dispatch(
 }
 
 /// How many deliveries to ask for, per enabled handler, within the per-handler and total limits.
-///
-/// A handler's claim window is twice its `max_in_flight`: as many deliveries as may run, and as
-/// many again waiting for a slot. While a claim is on its way, finishing attempts start waiting
-/// ones instead of leaving their slots empty, and claims come in batches of at least half a
-/// window rather than one per finished attempt.
 fn wants(
     snapshot: &HashMap<i64, Arc<Handler>>,
     shared: &Shared,
     options: &WorkerOptions,
 ) -> Vec<Want> {
     let total = shared.total_in_flight.load(Ordering::SeqCst);
-    let mut room = options
+    let room = options
         .max_in_flight
         .saturating_sub(total)
         .min(options.claim_batch);
     let slots = shared.slots.lock().expect("slots lock");
-    let mut handlers: Vec<&Arc<Handler>> = snapshot
+    let mut demands: Vec<Demand> = snapshot
         .values()
         .filter(|h| h.status == Status::Enabled)
+        .map(|h| Demand {
+            handler: h,
+            claimed: slots.get(&h.id).map_or(0, HandlerSlots::claimed),
+        })
         .collect();
-    handlers.sort_by_key(|h| (h.priority, h.id));
-    let mut out = Vec::new();
-    for h in handlers {
-        if room == 0 {
-            break;
-        }
-        let limit = h.max_in_flight as usize;
-        let (running, claimed) = slots
-            .get(&h.id)
-            .map(|s| (s.running as usize, s.claimed()))
-            .unwrap_or((0, 0));
-        let free = (2 * limit).saturating_sub(claimed).min(room);
-        let worth_a_claim = claimed == 0 || free >= (limit / 2).max(1);
-        if free > 0 && worth_a_claim {
-            room -= free;
-            // More than the free slots: some will wait. A waiting delivery starts within one
+    drop(slots);
+    demands.sort_by_key(|d| (d.handler.priority, d.handler.id));
+    plan_claims(&demands, room, options.lease_margin)
+}
+
+/// One enabled handler as the claim planner sees it.
+struct Demand<'a> {
+    handler: &'a Arc<Handler>,
+    /// Its deliveries claimed by this process and not yet finished (running or waiting).
+    claimed: usize,
+}
+
+/// Split `room` (what the process-wide limit and the claim batch allow) between the handlers, in
+/// priority order.
+///
+/// A handler's claim window is twice its `max_in_flight`: as many deliveries as may run, and as
+/// many again waiting in the relay for a slot. While a claim is on its way, finishing attempts
+/// start waiting ones instead of leaving their slots empty, and claims come in batches of at least
+/// half a window rather than one per finished attempt. Slots that can run now are served first,
+/// for every handler, and only then the waiting halves of the windows: where the process-wide
+/// limit is short, one handler's waiting deliveries never take another handler's free slots.
+fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) -> Vec<Want> {
+    let limit = |d: &Demand<'_>| d.handler.max_in_flight as usize;
+    // Worth a claim: nothing claimed yet, or at least half a window free.
+    let worth = |d: &Demand<'_>| {
+        let space = (2 * limit(d)).saturating_sub(d.claimed);
+        space > 0 && (d.claimed == 0 || space >= (limit(d) / 2).max(1))
+    };
+    let mut take = vec![0usize; demands.len()];
+    // First the slots that can start at once (waiting deliveries fill freed slots first)...
+    for (i, d) in demands.iter().enumerate().filter(|(_, d)| worth(d)) {
+        let now = limit(d).saturating_sub(d.claimed).min(room);
+        take[i] = now;
+        room -= now;
+    }
+    // ...then the waiting half of each window.
+    for (i, d) in demands.iter().enumerate().filter(|(_, d)| worth(d)) {
+        let more = (2 * limit(d)).saturating_sub(d.claimed + take[i]).min(room);
+        take[i] += more;
+        room -= more;
+    }
+    demands
+        .iter()
+        .zip(take)
+        .filter(|(_, n)| *n > 0)
+        .map(|(d, n)| {
+            // More than can start at once: some will wait. A waiting delivery starts within one
             // timeout (every attempt running now ends within its timeout and starts the next
             // waiting one), so its lease covers two.
-            let attempts = if free > limit.saturating_sub(running) {
+            let timeouts = if n > limit(d).saturating_sub(d.claimed) {
                 2
             } else {
                 1
             };
-            out.push(Want {
-                handler_id: h.id,
-                limit: free as i32,
-                lease: h.timeout * attempts + options.lease_margin,
-                row_images: h.format == crate::delivery::envelope::Format::Full,
-            });
-        }
-    }
-    out
+            Want {
+                handler_id: d.handler.id,
+                limit: n as i32,
+                lease: d.handler.timeout * timeouts + lease_margin,
+                row_images: d.handler.format == crate::delivery::envelope::Format::Full,
+            }
+        })
+        .collect()
 }
 
 /// What attempts need, shared by the tasks that run them.
@@ -868,5 +897,99 @@ async fn maintain(store: Store, wake: Arc<Notify>, interval: Duration, stop: Can
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::envelope::Format;
+    use crate::handlers::{Kind, Stage};
+
+    fn handler(id: i64, max_in_flight: u32) -> Arc<Handler> {
+        Arc::new(Handler {
+            id,
+            name: format!("h{id}"),
+            priority: 100,
+            status: Status::Enabled,
+            events: vec!["clients.*".into()],
+            stage: Stage::After,
+            kind: Kind::Http {
+                url: "http://127.0.0.1:1/".into(),
+                parsed: None,
+            },
+            timeout: Duration::from_secs(10),
+            retry_schedule_ms: vec![],
+            headers: vec![],
+            secret: None,
+            max_in_flight,
+            format: Format::Jerasoft,
+        })
+    }
+
+    const MARGIN: Duration = Duration::from_secs(30);
+
+    fn plan(demands: &[(&Arc<Handler>, usize)], room: usize) -> Vec<(i64, i32, u64)> {
+        let demands: Vec<Demand> = demands
+            .iter()
+            .map(|(h, claimed)| Demand {
+                handler: h,
+                claimed: *claimed,
+            })
+            .collect();
+        plan_claims(&demands, room, MARGIN)
+            .iter()
+            .map(|w| (w.handler_id, w.limit, w.lease.as_secs()))
+            .collect()
+    }
+
+    #[test]
+    fn an_idle_handler_claims_its_whole_window_with_a_lease_for_the_waiting_half() {
+        let h = handler(1, 128);
+        // 128 run at once, 128 wait: the claim's lease covers two timeouts (10 s each) + margin
+        assert_eq!(plan(&[(&h, 0)], 500), vec![(1, 256, 50)]);
+    }
+
+    #[test]
+    fn a_claim_that_fits_the_free_slots_has_a_lease_of_one_timeout() {
+        let h = handler(1, 128);
+        // the process-wide room allows only 100: all start at once
+        assert_eq!(plan(&[(&h, 0)], 100), vec![(1, 100, 40)]);
+    }
+
+    #[test]
+    fn a_handler_claims_again_only_when_half_a_window_is_free() {
+        let h = handler(1, 128);
+        assert_eq!(plan(&[(&h, 200)], 500), vec![], "56 free of 256");
+        // 64 free: a batch, all of which wait (128 claimed are running already)
+        assert_eq!(plan(&[(&h, 192)], 500), vec![(1, 64, 50)]);
+        let small = handler(2, 32);
+        assert_eq!(
+            plan(&[(&small, 40)], 500),
+            vec![(2, 24, 50)],
+            "24 free of 64"
+        );
+        assert_eq!(plan(&[(&small, 50)], 500), vec![], "14 free of 64");
+    }
+
+    #[test]
+    fn free_slots_of_every_handler_come_before_waiting_deliveries() {
+        let (a, b) = (handler(1, 100), handler(2, 100));
+        // room for 250: both fill their 100 slots, then `a` (first by priority) waits 50
+        assert_eq!(
+            plan(&[(&a, 0), (&b, 0)], 250),
+            vec![(1, 150, 50), (2, 100, 40)]
+        );
+        // room for 150: `b`'s free slots are not taken by `a`'s waiting deliveries
+        assert_eq!(
+            plan(&[(&a, 0), (&b, 0)], 150),
+            vec![(1, 100, 40), (2, 50, 40)]
+        );
+    }
+
+    #[test]
+    fn no_room_no_claims() {
+        let h = handler(1, 128);
+        assert_eq!(plan(&[(&h, 0)], 0), vec![]);
     }
 }

@@ -580,6 +580,17 @@ async fn deliver(
             "handler not enabled when the attempt was due",
         );
     };
+    if Instant::now() + handler.timeout > c.leased_until {
+        // It waited for a slot longer than its lease allows (the handler's max_in_flight was
+        // lowered while it waited): started now, the lease could run out mid-attempt and another
+        // claim send it again. Hand it back untouched; the next claim leases it afresh.
+        return release(
+            c.delivery_id,
+            c.handler_id,
+            c.token,
+            "its lease would have run out during the attempt (it waited too long for a slot)",
+        );
+    }
     let body = render(&c.event, c.modified_data.as_ref(), handler.format);
     let req = Request {
         webhook_id: webhook_id(c.event.id, handler.id),

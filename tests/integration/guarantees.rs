@@ -1873,23 +1873,25 @@ async fn a_handlers_in_flight_limit_holds() {
     }
 }
 
-#[tokio::test]
-async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
-    // A relay claims up to twice a handler's in-flight limit; the extra deliveries wait in the
-    // relay for a slot, already leased. With one slot and every answer taking 1.2 s of a 1.5 s
-    // timeout, the waiting delivery starts ~1.2 s after its claim and ends ~2.4 s after it: a
-    // lease of one timeout + margin (1.7 s) would run out mid-attempt and be recovered as a
-    // failed attempt and sent again. Its lease must cover the wait.
+/// A handler whose answers each take `answer`, 4 objects captured for it, and a relay running
+/// with `lease_margin_ms`; returns once `claimed` deliveries are claimed (running or waiting).
+async fn four_slow_deliveries(
+    path: &str,
+    answer: Duration,
+    handler: &str,
+    lease_margin_ms: &str,
+    claimed: i64,
+) -> (TestDb, Receiver, i64, RunningRelay) {
     let db = TestDb::vcs().await;
     let rx = Receiver::start().await;
-    rx.set_default(Answer::Delay(Duration::from_millis(1200), 200));
+    rx.set_default(Answer::Delay(answer, 200));
     let hid = add_handler(
         &db.client,
-        "one-slot",
+        "slow",
         &["clients.create"],
         "http",
-        &rx.url("/w"),
-        "max_in_flight = 1, timeout_ms = 1500",
+        &rx.url(path),
+        handler,
     )
     .await;
     db.client
@@ -1899,37 +1901,99 @@ async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
         )
         .await
         .unwrap();
-    let relay = RunningRelay::start(&db, &[("lease_margin_ms", "200")]).await;
-    eventually(
-        WAIT,
-        "2 deliveries claimed: 1 running, 1 waiting",
-        || async {
-            let running = count(
-                &db.client,
-                "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
-            )
-            .await;
-            (running == 2).then_some(())
-        },
-    )
+    let relay = RunningRelay::start(&db, &[("lease_margin_ms", lease_margin_ms)]).await;
+    eventually(WAIT, &format!("{claimed} deliveries claimed"), || async {
+        let running = count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'running'",
+        )
+        .await;
+        (running == claimed).then_some(())
+    })
     .await;
-    wait_attempts(&db, hid, 4).await;
+    (db, rx, hid, relay)
+}
+
+/// Wait until all 4 are delivered and the queue is empty; then every attempt succeeded and each
+/// object was sent exactly once (no lease ran out mid-attempt or while waiting).
+async fn four_delivered_once(
+    db: &TestDb,
+    rx: &Receiver,
+    path: &str,
+    hid: i64,
+    relay: RunningRelay,
+) {
+    wait_attempts(db, hid, 4).await;
     eventually(WAIT, "the queue empty", || async {
         (count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0).then_some(())
     })
     .await;
     relay.stop().await;
-    let log = attempts_of(&db, hid).await;
+    let log = attempts_of(db, hid).await;
     let failed: Vec<_> = log.iter().filter(|a| a.0 != "success").collect();
     assert!(
         failed.is_empty(),
-        "no attempt may fail (a lease ran out while waiting?): {failed:?}"
+        "no attempt may fail (a lease ran out?): {failed:?}"
     );
+    let got = rx.received_on(path);
+    let mut objects: Vec<i64> = got.iter().map(object_of).collect();
+    objects.sort();
+    objects.dedup();
     assert_eq!(
-        rx.received_on("/w").len(),
-        4,
+        (got.len(), objects.len()),
+        (4, 4),
         "each delivery sent exactly once"
     );
+}
+
+#[tokio::test]
+async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
+    // A relay claims up to twice a handler's in-flight limit; the extra deliveries wait in the
+    // relay for a slot, already leased. With one slot and every answer taking 1.2 s of a 1.5 s
+    // timeout, the waiting delivery starts ~1.2 s after its claim and ends ~2.4 s after it: a
+    // lease of one timeout + margin (1.7 s) would run out mid-attempt and be recovered as a
+    // failed attempt and sent again. Its lease must cover the wait.
+    let settings = "max_in_flight = 1, timeout_ms = 1500";
+    let (db, rx, hid, relay) =
+        four_slow_deliveries("/w", Duration::from_millis(1200), settings, "200", 2).await;
+    // Every claim here is partly one that waits: leased for two timeouts + the margin.
+    let leases: Vec<f64> = db
+        .client
+        .query(
+            "SELECT extract(epoch FROM lease_expires_at - updated_at)::float8 * 1000
+               FROM provisioning.deliveries WHERE status = 'running'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !leases.is_empty() && leases.iter().all(|ms| *ms == 3200.0),
+        "leases in ms of the claimed deliveries: {leases:?}"
+    );
+    four_delivered_once(&db, &rx, "/w", hid, relay).await;
+}
+
+#[tokio::test]
+async fn a_delivery_that_waited_past_its_lease_is_handed_back_not_sent_twice() {
+    // 2 slots, 4 claimed (2 waiting, leased for two 3 s timeouts + 100 ms). The limit drops to 1
+    // while they wait (the relay sees it within about a second), so the last one starts only after
+    // two rounds of 2.5 s answers, when its lease has 1.1 s left, less than a timeout: sent then,
+    // it would be recovered mid-attempt and sent again. The relay hands it back instead and claims
+    // it afresh.
+    let settings = "max_in_flight = 2, timeout_ms = 3000";
+    let (db, rx, hid, relay) =
+        four_slow_deliveries("/l", Duration::from_millis(2500), settings, "100", 4).await;
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET max_in_flight = 1 WHERE id = $1",
+            &[&hid],
+        )
+        .await
+        .unwrap();
+    four_delivered_once(&db, &rx, "/l", hid, relay).await;
 }
 
 /// Wait until exactly `n` relays have declared themselves asleep.

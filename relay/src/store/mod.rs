@@ -1,7 +1,7 @@
 //! Claiming and completing deliveries. Every statement here is one round trip, batched, and
 //! commits at once; ownership of in-flight work lives in lease columns guarded by a claim token.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -44,6 +44,10 @@ pub struct Claimed {
     /// Attempt number of this attempt (1 for the first).
     pub attempt: u32,
     pub token: i64,
+    /// When the claim's lease runs out, by this process's clock (measured from before the claim
+    /// was sent, so never later than the database's): an attempt that could not finish by then is
+    /// not started.
+    pub leased_until: Instant,
     /// `before` or `after`: the stage the delivery was captured for.
     pub stage: String,
     /// Data as modified by before-stage handlers, if any.
@@ -151,6 +155,7 @@ impl Store {
             .map(|w| w.lease.as_millis().min(i32::MAX as u128) as i32)
             .collect();
         let images: Vec<bool> = wants.iter().map(|w| w.row_images).collect();
+        let sent_at = Instant::now();
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(include_str!("claim.sql")).await?;
         let rows = client
@@ -161,11 +166,22 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| Claimed {
+            .map(|r| {
+                let handler_id: i64 = r.get("handler_id");
+                // (every claimed row belongs to a want: the statement joins on them)
+                let lease = wants
+                    .iter()
+                    .find(|w| w.handler_id == handler_id)
+                    .or_else(|| wants.iter().max_by_key(|w| w.lease))
+                    .map_or(Duration::ZERO, |w| w.lease);
+                (r, handler_id, sent_at + lease)
+            })
+            .map(|(r, handler_id, leased_until)| Claimed {
                 delivery_id: r.get("id"),
-                handler_id: r.get("handler_id"),
+                handler_id,
                 attempt: r.get::<_, i32>("attempts").max(1) as u32,
                 token,
+                leased_until,
                 stage: r.get("stage"),
                 modified_data: r.get("modified_data"),
                 event: Event {

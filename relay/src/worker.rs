@@ -478,7 +478,7 @@ impl Attempts {
             }
         }
         for c in now {
-            self.spawn(c);
+            self.spawn(c, false);
         }
     }
 
@@ -497,29 +497,46 @@ impl Attempts {
             }
         }
         for c in now {
-            self.spawn(c);
+            self.spawn(c, true);
         }
     }
 
     /// One slot: runs the delivery, then the handler's next waiting one, until none waits.
-    fn spawn(&self, first: Claimed) {
+    /// `waited`: the first delivery waited in the relay for its slot.
+    fn spawn(&self, first: Claimed, waited: bool) {
         let this = self.clone();
         self.tracker.spawn(async move {
-            let mut next = Some(first);
-            while let Some(c) = next {
+            let mut next = Some((first, waited));
+            while let Some((c, waited)) = next {
                 let handler_id = c.handler_id;
                 // The definition as it is now: a delivery that waited may find its handler paused.
                 let handler = this.registry.get(handler_id);
                 let (delivery_id, token) = (c.delivery_id, c.token);
-                let completion = tokio::select! {
-                    biased;
-                    _ = this.hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
-                    done = deliver(handler, c, &this.transports, &this.store, this.max_retry_after) => done,
+                let completion = if waited
+                    && handler
+                        .as_ref()
+                        .is_some_and(|h| Instant::now() + h.timeout > c.leased_until)
+                {
+                    // It waited longer than its lease allows (the handler's max_in_flight was
+                    // lowered meanwhile): started now, the lease could run out mid-attempt and
+                    // another claim send it again. Hand it back; the next claim leases it afresh.
+                    release(
+                        delivery_id,
+                        handler_id,
+                        token,
+                        "its lease would have run out during the attempt (it waited too long for a slot)",
+                    )
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = this.hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
+                        done = deliver(handler, c, &this.transports, &this.store, this.max_retry_after) => done,
+                    }
                 };
                 // (Per-object order does not depend on this task: the delivery stays `running` in
                 // the database, blocking its object's next one, until the outcome is committed.)
                 let _ = this.done_tx.send(completion);
-                next = this.next_waiting(handler_id);
+                next = this.next_waiting(handler_id).map(|c| (c, true));
                 this.shared.wake.notify_one();
             }
         });
@@ -580,17 +597,6 @@ async fn deliver(
             "handler not enabled when the attempt was due",
         );
     };
-    if Instant::now() + handler.timeout > c.leased_until {
-        // It waited for a slot longer than its lease allows (the handler's max_in_flight was
-        // lowered while it waited): started now, the lease could run out mid-attempt and another
-        // claim send it again. Hand it back untouched; the next claim leases it afresh.
-        return release(
-            c.delivery_id,
-            c.handler_id,
-            c.token,
-            "its lease would have run out during the attempt (it waited too long for a slot)",
-        );
-    }
     let body = render(&c.event, c.modified_data.as_ref(), handler.format);
     let req = Request {
         webhook_id: webhook_id(c.event.id, handler.id),

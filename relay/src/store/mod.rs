@@ -45,8 +45,8 @@ pub struct Claimed {
     pub attempt: u32,
     pub token: i64,
     /// When the claim's lease runs out, by this process's clock (measured from before the claim
-    /// was sent, so never later than the database's): an attempt that could not finish by then is
-    /// not started.
+    /// was sent, so never later than the database's): a delivery that waited in the relay for a
+    /// slot is not started if its attempt could outlast it.
     pub leased_until: Instant,
     /// `before` or `after`: the stage the delivery was captured for.
     pub stage: String,

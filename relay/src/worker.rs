@@ -429,6 +429,12 @@ fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) 
         .collect()
 }
 
+/// How many attempts of a handler may run at once. A handler that is gone has no limit: its
+/// deliveries start at once and are handed back untouched (`deliver` finds no handler).
+fn slot_limit(handler: Option<&Arc<Handler>>) -> u32 {
+    handler.map_or(u32::MAX, |h| h.max_in_flight)
+}
+
 /// What attempts need, shared by the tasks that run them.
 #[derive(Clone)]
 struct Attempts {
@@ -465,9 +471,7 @@ impl Attempts {
         {
             let mut slots = self.shared.slots.lock().expect("slots lock");
             for c in claimed {
-                let limit = snapshot
-                    .get(&c.handler_id)
-                    .map_or(u32::MAX, |h| h.max_in_flight);
+                let limit = slot_limit(snapshot.get(&c.handler_id));
                 let s = slots.entry(c.handler_id).or_default();
                 if s.running < limit && s.queued.is_empty() {
                     s.running += 1;
@@ -488,7 +492,7 @@ impl Attempts {
         {
             let mut slots = self.shared.slots.lock().expect("slots lock");
             for (id, s) in slots.iter_mut() {
-                let limit = snapshot.get(id).map_or(u32::MAX, |h| h.max_in_flight);
+                let limit = slot_limit(snapshot.get(id));
                 while s.running < limit {
                     let Some(c) = s.queued.pop_front() else { break };
                     s.running += 1;
@@ -544,10 +548,7 @@ impl Attempts {
 
     /// The slot of a finished attempt: hand it to the handler's next waiting delivery, or free it.
     fn next_waiting(&self, handler_id: i64) -> Option<Claimed> {
-        let limit = self
-            .registry
-            .get(handler_id)
-            .map_or(u32::MAX, |h| h.max_in_flight);
+        let limit = slot_limit(self.registry.get(handler_id).as_ref());
         let mut slots = self.shared.slots.lock().expect("slots lock");
         let s = slots.get_mut(&handler_id)?;
         // (running counts this slot: above the limit, it was lowered meanwhile)

@@ -201,6 +201,17 @@ pub async fn count(client: &Client, sql: &str) -> i64 {
         .get(0)
 }
 
+/// The first column of every row of a query.
+pub async fn column<T: tokio_postgres::types::FromSqlOwned>(client: &Client, sql: &str) -> Vec<T> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 // ------------------------------------------------------------------------------------------------
 // Operations tests (cli.rs, admin_api.rs, browser.rs): an in-process admin server and a realistic
 // delivery history produced by a real relay.

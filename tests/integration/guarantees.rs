@@ -963,17 +963,11 @@ async fn a_claim_skips_in_flight_waiting_and_dead_deliveries_without_reading_the
         pages.iter().all(|&p| p < 100),
         "pages read by the candidate scan per claim of 10: {pages:?}"
     );
-    let claimed: Vec<String> = db
-        .client
-        .query(
-            "SELECT object_key FROM provisioning.deliveries WHERE lease_owner = 'me' ORDER BY next_attempt_at, id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let claimed: Vec<String> = column(
+        &db.client,
+        "SELECT object_key FROM provisioning.deliveries WHERE lease_owner = 'me' ORDER BY next_attempt_at, id",
+    )
+    .await;
     let expected: Vec<String> = (9971..=10000).rev().map(|k| k.to_string()).collect();
     assert_eq!(claimed, expected, "the earliest due first");
 }
@@ -1957,18 +1951,12 @@ async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
     let (db, rx, hid, relay) =
         four_slow_deliveries("/w", Duration::from_millis(1200), settings, "200", 2).await;
     // Every claim here is partly one that waits: leased for two timeouts + the margin.
-    let leases: Vec<f64> = db
-        .client
-        .query(
-            "SELECT extract(epoch FROM lease_expires_at - updated_at)::float8 * 1000
-               FROM provisioning.deliveries WHERE status = 'running'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let leases: Vec<f64> = column(
+        &db.client,
+        "SELECT extract(epoch FROM lease_expires_at - updated_at)::float8 * 1000
+           FROM provisioning.deliveries WHERE status = 'running'",
+    )
+    .await;
     assert!(
         !leases.is_empty() && leases.iter().all(|ms| *ms == 3200.0),
         "leases in ms of the claimed deliveries: {leases:?}"

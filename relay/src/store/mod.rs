@@ -168,33 +168,30 @@ impl Store {
             .iter()
             .map(|r| {
                 let handler_id: i64 = r.get("handler_id");
-                // (every claimed row belongs to a want: the statement joins on them)
-                let lease = wants
-                    .iter()
-                    .find(|w| w.handler_id == handler_id)
-                    .or_else(|| wants.iter().max_by_key(|w| w.lease))
-                    .map_or(Duration::ZERO, |w| w.lease);
-                (r, handler_id, sent_at + lease)
-            })
-            .map(|(r, handler_id, leased_until)| Claimed {
-                delivery_id: r.get("id"),
-                handler_id,
-                attempt: r.get::<_, i32>("attempts").max(1) as u32,
-                token,
-                leased_until,
-                stage: r.get("stage"),
-                modified_data: r.get("modified_data"),
-                event: Event {
-                    id: r.get("event_id"),
-                    name: r.get("name"),
-                    entity: r.get("entity"),
-                    object_id: r.get("object_id"),
-                    operation: r.get("operation"),
-                    data: r.get("data"),
-                    old_row: r.get("old_row"),
-                    new_row: r.get("new_row"),
-                    changed_at: r.get("changed_at"),
-                },
+                Claimed {
+                    delivery_id: r.get("id"),
+                    handler_id,
+                    attempt: r.get::<_, i32>("attempts").max(1) as u32,
+                    token,
+                    // every claimed row belongs to a want: the statement joins on them
+                    leased_until: wants
+                        .iter()
+                        .find(|w| w.handler_id == handler_id)
+                        .map_or(sent_at, |w| sent_at + w.lease),
+                    stage: r.get("stage"),
+                    modified_data: r.get("modified_data"),
+                    event: Event {
+                        id: r.get("event_id"),
+                        name: r.get("name"),
+                        entity: r.get("entity"),
+                        object_id: r.get("object_id"),
+                        operation: r.get("operation"),
+                        data: r.get("data"),
+                        old_row: r.get("old_row"),
+                        new_row: r.get("new_row"),
+                        changed_at: r.get("changed_at"),
+                    },
+                }
             })
             .collect())
     }

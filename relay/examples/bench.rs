@@ -1352,6 +1352,19 @@ struct PgbenchRun {
     relay_running: bool,
     cpu: String,
     waits: String,
+    /// WAL records, full-page images, writes and syncs per pgbench transaction.
+    wal_counts: String,
+}
+
+/// Server-wide WAL counters (`pg_stat_wal`): records, full-page images, writes, syncs.
+async fn wal_stats(db: &Client) -> Result<[f64; 4]> {
+    let r = db
+        .query_one(
+            "SELECT wal_records::float8, wal_fpi::float8, wal_write::float8, wal_sync::float8 FROM pg_stat_wal",
+            &[],
+        )
+        .await?;
+    Ok([r.get(0), r.get(1), r.get(2), r.get(3)])
 }
 
 /// (e) One pgbench run on `clients` (captured) or `clients_plain`.
@@ -1389,6 +1402,7 @@ async fn pgbench_run(
         .await?
         .get(0);
     let received_before = recv.count.load(Relaxed);
+    let stats_before = wal_stats(db).await?;
     let child = tokio::process::Command::new(&args.pgbench)
         .arg("-n")
         .args(["-M", "prepared"])
@@ -1445,6 +1459,15 @@ async fn pgbench_run(
         )
         .await?
         .get(0);
+    let stats_after = wal_stats(db).await?;
+    let per = |i: usize| (stats_after[i] - stats_before[i]) / xacts.max(1) as f64;
+    let wal_counts = format!(
+        "per update (server-wide): {:.2} WAL records, {:.3} full-page images, {:.3} WAL writes, {:.3} WAL syncs",
+        per(0),
+        per(1),
+        per(2),
+        per(3)
+    );
     let backlog_after = count(db, "SELECT count(*) FROM provisioning.deliveries").await?;
     let mut drained_secs = None;
     if captured && relay_pid.is_some() {
@@ -1474,6 +1497,7 @@ async fn pgbench_run(
         relay_running: relay_pid.is_some(),
         cpu: cpu_split(&cpu0, &cpu1, relay_pid),
         waits,
+        wal_counts,
     })
 }
 
@@ -1990,12 +2014,11 @@ async fn run(args: &Args, bin: &Path, admin: &Client, url: &str) -> Result<()> {
                 };
                 let waits = format!("(e)   pgbench waits: {}", r.waits);
                 let cpu = format!("(e)   {}", r.cpu);
-                say!("{l}");
-                say!("{waits}");
-                say!("{cpu}");
-                report.line(l);
-                report.line(waits);
-                report.line(cpu);
+                let wal = format!("(e)   {}", r.wal_counts);
+                for line in [l, waits, cpu, wal] {
+                    say!("{line}");
+                    report.line(line);
+                }
                 runs.push(r);
             }
         }

@@ -1568,7 +1568,8 @@ fn relay_binary(args: &Args) -> Result<PathBuf> {
             path.display()
         );
     }
-    Ok(path)
+    // A bare name ("relay-old") would be looked up in PATH when started, not here.
+    std::fs::canonicalize(&path).with_context(|| format!("cannot resolve {}", path.display()))
 }
 
 #[derive(Default)]

@@ -20,6 +20,8 @@ pub struct Config {
     pub pool_size: u32,
     pub poll_interval_ms: u64,
     pub busy_poll_interval_ms: u64,
+    pub max_busy_poll_interval_ms: u64,
+    pub busy_database_tps: u32,
     pub idle_after_ms: u64,
     pub claim_batch: u32,
     pub max_in_flight: u32,
@@ -45,6 +47,8 @@ impl Default for Config {
             pool_size: 8,
             poll_interval_ms: 1000,
             busy_poll_interval_ms: 2,
+            max_busy_poll_interval_ms: 20,
+            busy_database_tps: 1000,
             idle_after_ms: 250,
             claim_batch: 500,
             max_in_flight: 2048,
@@ -223,6 +227,18 @@ impl Config {
                 1,
                 10_000,
             ),
+            (
+                "max_busy_poll_interval_ms",
+                self.max_busy_poll_interval_ms,
+                1,
+                10_000,
+            ),
+            (
+                "busy_database_tps",
+                self.busy_database_tps as u64,
+                0,
+                10_000_000,
+            ),
             ("idle_after_ms", self.idle_after_ms, 0, 3_600_000),
             ("claim_batch", self.claim_batch as u64, 1, 10_000),
             ("max_in_flight", self.max_in_flight as u64, 1, 100_000),
@@ -252,6 +268,15 @@ impl Config {
                 return Err(bad(key, &format!("{v} is out of range {min}..={max}")));
             }
         }
+        if self.max_busy_poll_interval_ms < self.busy_poll_interval_ms {
+            return Err(bad(
+                "max_busy_poll_interval_ms",
+                &format!(
+                    "{} is below busy_poll_interval_ms ({}): pacing only ever lengthens the pause",
+                    self.max_busy_poll_interval_ms, self.busy_poll_interval_ms
+                ),
+            ));
+        }
         if !self.admin_listen.is_empty()
             && self.admin_listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -278,6 +303,8 @@ impl Config {
         WorkerOptions {
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             busy_poll_interval: Duration::from_millis(self.busy_poll_interval_ms),
+            max_busy_poll_interval: Duration::from_millis(self.max_busy_poll_interval_ms),
+            busy_database_tps: self.busy_database_tps,
             idle_after: Duration::from_millis(self.idle_after_ms),
             claim_batch: self.claim_batch as usize,
             max_in_flight: self.max_in_flight as usize,
@@ -407,6 +434,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`admin_listen`"), "{e}");
+        let e = Config::load(
+            None,
+            &[],
+            &[
+                ("busy_poll_interval_ms".into(), "30".into()),
+                ("max_busy_poll_interval_ms".into(), "20".into()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`max_busy_poll_interval_ms`") && e.contains("below busy_poll_interval_ms"),
+            "{e}"
+        );
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`delivery`]: envelope, signing, HTTP and script transports.
 //! - [`retry`]: the persisted retry schedule (a pure function).
 //! - [`worker`]: the dispatcher loop that ties it together.
+//! - [`pacing`]: fewer, bigger claims while the server is busy with other work.
 //! - [`config`]: configuration layering (file, environment, flags).
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod handlers;
 pub mod metrics;
 pub mod ops;
+pub mod pacing;
 pub mod retry;
 pub mod schema;
 pub mod service;

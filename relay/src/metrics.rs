@@ -60,6 +60,15 @@ pub fn describe() {
         "Age of the oldest unfinished delivery per handler"
     );
     describe_gauge!("provisioning_dead", "Dead deliveries per handler");
+    describe_gauge!(
+        "provisioning_server_commits_per_second",
+        "Transactions per second on the whole server besides this relay's (pacing)"
+    );
+    describe_gauge!(
+        "provisioning_busy_poll_interval_seconds",
+        Unit::Seconds,
+        "Current pause between claims while work trickles in (longer on a busy server)"
+    );
     describe_histogram!(
         "provisioning_delivery_latency_seconds",
         Unit::Seconds,

@@ -25,6 +25,7 @@ use crate::delivery::http::{HttpTransport, Target};
 use crate::delivery::script::ScriptTransport;
 use crate::delivery::{Reply, Request};
 use crate::handlers::{self, Handler, Kind, Registry, Status};
+use crate::pacing::Pacing;
 use crate::retry::{next_step, NextStep};
 use crate::store::{Action, AttemptLog, Claimed, Completion, Store, Want};
 
@@ -35,6 +36,12 @@ pub struct WorkerOptions {
     pub poll_interval: Duration,
     /// While work keeps arriving: the pause between a short claim and the next one.
     pub busy_poll_interval: Duration,
+    /// The longest that pause grows to on a busy server (see `pacing`).
+    pub max_busy_poll_interval: Duration,
+    /// Server commits per second (besides this relay's) above which the pause grows; 0: never.
+    pub busy_database_tps: u32,
+    /// How often the server's commit rate is sampled.
+    pub pacing_interval: Duration,
     /// Without new work for this long, the relay sleeps and waits for the doorbell.
     pub idle_after: Duration,
     /// Most deliveries claimed by one statement.
@@ -60,6 +67,9 @@ impl Default for WorkerOptions {
         WorkerOptions {
             poll_interval: Duration::from_millis(1000),
             busy_poll_interval: Duration::from_millis(2),
+            max_busy_poll_interval: Duration::from_millis(20),
+            busy_database_tps: 1000,
+            pacing_interval: Duration::from_secs(1),
             idle_after: Duration::from_millis(250),
             claim_batch: 500,
             max_in_flight: 2048,
@@ -166,6 +176,16 @@ impl Relay {
             options.handler_refresh_interval,
             background.clone(),
         ));
+        let pacing = Pacing::new(
+            options.busy_poll_interval,
+            options.max_busy_poll_interval,
+            options.busy_database_tps,
+        );
+        tasks.spawn(
+            pacing
+                .clone()
+                .run(store.clone(), options.pacing_interval, background.clone()),
+        );
         tasks.spawn(maintain(
             store.clone(),
             shared.wake.clone(),
@@ -195,7 +215,10 @@ impl Relay {
             shutdown: shutdown.clone(),
             max_retry_after: options.max_retry_after,
         };
-        dispatch(&store, &registry, &options, &shared, &attempts, &shutdown).await;
+        dispatch(
+            &store, &registry, &options, &pacing, &shared, &attempts, &shutdown,
+        )
+        .await;
 
         // Shutdown: no more claims, and no more attempts start. Claimed deliveries still waiting
         // for a slot go back at once; running ones may finish within the grace period.
@@ -242,6 +265,7 @@ async fn dispatch(
     store: &Store,
     registry: &Arc<Registry>,
     options: &WorkerOptions,
+    pacing: &Pacing,
     shared: &Arc<Shared>,
     attempts: &Attempts,
     shutdown: &CancellationToken,
@@ -277,10 +301,12 @@ async fn dispatch(
             }
         };
         let got = claimed.len() as i64;
+        // The shortest pause between claims: longer on a server busy with other work.
+        let paced = pacing.pause();
         if got > 0 {
             attempts.start(claimed, &snapshot);
             last_work = Some(Instant::now());
-            busy_pause = options.busy_poll_interval;
+            busy_pause = paced;
             // Work is flowing: stay awake, so that writers stop ringing the doorbell.
             if sleeping {
                 sleeping = false;
@@ -298,13 +324,13 @@ async fn dispatch(
             // Recently busy: more work is likely within milliseconds. Poll again shortly rather
             // than asking every capturing commit for a NOTIFY. Each empty claim doubles the
             // pause (up to 1/8 of idle_after), so a trickle costs few claims.
+            let pause = busy_pause.max(paced);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(busy_pause) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             if got == 0 {
-                busy_pause =
-                    (busy_pause * 2).min((options.idle_after / 8).max(options.busy_poll_interval));
+                busy_pause = (pause * 2).min((options.idle_after / 8).max(paced));
             }
             continue;
         }

@@ -16,5 +16,6 @@ mod demo;
 mod examples;
 mod faults;
 mod guarantees;
+mod pacing;
 mod scripts;
 mod security;

@@ -1,6 +1,8 @@
 //! Claiming and completing deliveries. Every statement here is one round trip, batched, and
 //! commits at once; ownership of in-flight work lives in lease columns guarded by a claim token.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -129,11 +131,40 @@ pub struct Completion {
 pub struct Store {
     pool: Pool,
     relay_name: String,
+    /// Transactions this relay ran through the frequent statements (claims, completions, commit
+    /// rate samples), so that pacing can tell the server's other work from its own.
+    own_transactions: Arc<AtomicU64>,
 }
 
 impl Store {
     pub fn new(pool: Pool, relay_name: String) -> Store {
-        Store { pool, relay_name }
+        Store {
+            pool,
+            relay_name,
+            own_transactions: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn own_transactions(&self) -> u64 {
+        self.own_transactions.load(Ordering::Relaxed)
+    }
+
+    fn count_transaction(&self) {
+        self.own_transactions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transactions committed or rolled back so far on the whole server (all databases), as the
+    /// statistics system has them (backends publish their counts about once a second).
+    pub async fn server_transactions(&self) -> Result<i64, StoreError> {
+        let client = self.pool.get().await?;
+        self.count_transaction();
+        let row = client
+            .query_one(
+                "SELECT coalesce(sum(xact_commit + xact_rollback), 0)::bigint FROM pg_stat_database",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     pub fn pool(&self) -> &Pool {
@@ -158,6 +189,7 @@ impl Store {
         let sent_at = Instant::now();
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(include_str!("claim.sql")).await?;
+        self.count_transaction();
         let rows = client
             .query(
                 &stmt,
@@ -256,6 +288,7 @@ impl Store {
         const DURABLE: &str = "SET LOCAL synchronous_commit = on";
         let mut client = self.pool.get().await?;
         let complete = client.prepare_cached(include_str!("complete.sql")).await?;
+        self.count_transaction();
 
         let before_stage_work = !decided.is_empty()
             || plain

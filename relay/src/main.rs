@@ -12,8 +12,11 @@ fn init_logging(config: &Config) {
     // (handler signing secrets written through the API): never let it log below info.
     let filter = format!("{filter},tokio_postgres=info");
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal: not in files, pipes or journald.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(std::io::stderr);
     if config.log_format == "json" {
         builder.json().init();

@@ -1441,6 +1441,13 @@ async fn sigterm_during_a_drain_finishes_in_flight_work_and_exits_cleanly() {
         took < Duration::from_secs(5),
         "took {took:?}, more than the 5 s grace period, to exit"
     );
+    // Written to a file (not a terminal): plain text, no colour codes for grep or a log shipper.
+    let log = r1.log_text();
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour escape codes in a log that is not a terminal:\n{log}"
+    );
     assert_eq!(
         count(
             &db.client,

@@ -4,9 +4,9 @@
 //! quiet server, a claim every `busy_poll_interval` (2 ms) is invisible and keeps delivery within
 //! a few milliseconds of the change. On a server busy with business commits, the same claims —
 //! hundreds a second under a trickle, each finding one or two events — compete with the writers
-//! for CPU: measured at 8 pgbench writers (~500 events/s captured), the relay's claims and
-//! completions took ~0.2 off the writers' TPS, and a 20 ms pause gave back about 0.07 of it
-//! (README, Performance).
+//! for CPU and WAL flushes: measured at 8 pgbench writers (~500 events/s captured, ~10,000
+//! commits/s), the relay took ~0.21 off the writers' TPS with a 2 ms poll and ~0.11 with this
+//! pacing (README, Performance).
 //!
 //! So the relay watches the server's commit rate (`pg_stat_database`, all databases, minus its own
 //! transactions) and, above `busy_database_tps`, stretches the pause in proportion, up to
@@ -15,7 +15,7 @@
 //! next one at once), and an idle relay still wakes on the doorbell.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,9 @@ pub struct Pacing {
     max: Duration,
     busy_tps: u32,
     pause_us: AtomicU64,
+    /// When a change between paced and not paced was last logged (a server whose load hovers
+    /// around the threshold would otherwise log every few seconds).
+    last_logged: Mutex<Option<Instant>>,
 }
 
 impl Pacing {
@@ -49,6 +52,7 @@ impl Pacing {
             max,
             busy_tps,
             pause_us: AtomicU64::new(base.as_micros() as u64),
+            last_logged: Mutex::new(None),
         })
     }
 
@@ -63,7 +67,7 @@ impl Pacing {
             .pause_us
             .swap(pause.as_micros() as u64, Ordering::Relaxed);
         let was_paced = before > self.base.as_micros() as u64;
-        if (pause > self.base) != was_paced {
+        if (pause > self.base) != was_paced && self.may_log() {
             if was_paced {
                 tracing::info!(commits_per_second = others_tps.round(), pause = ?pause, "server no longer busy: claiming at the busy poll interval again");
             } else {
@@ -72,6 +76,16 @@ impl Pacing {
         }
         metrics::gauge!("provisioning_server_commits_per_second").set(others_tps);
         metrics::gauge!("provisioning_busy_poll_interval_seconds").set(pause.as_secs_f64());
+    }
+
+    /// At most one pacing change a minute goes to the log (the metrics show every one).
+    fn may_log(&self) -> bool {
+        let mut last = self.last_logged.lock().expect("pacing log lock");
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Sample the server's commit rate every `interval` and keep the pause current, until `stop`.

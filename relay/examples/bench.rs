@@ -2043,6 +2043,19 @@ async fn run(args: &Args, bin: &Path, admin: &Client, url: &str) -> Result<()> {
         );
         say!("{l}");
         report.line(l);
+        // Each round is one plain and one captured run back to back: their ratio, round by round,
+        // shows how much of a difference between two whole runs is the machine's noise.
+        let per_round: Vec<String> = runs
+            .chunks(2)
+            .filter_map(|pair| {
+                let plain = pair.iter().find(|r| !r.captured)?;
+                let captured = pair.iter().find(|r| r.captured)?;
+                Some(format!("{:.3}", captured.tps / plain.tps.max(1e-9)))
+            })
+            .collect();
+        let l = format!("(e) ratio per round: {}", per_round.join(", "));
+        say!("{l}");
+        report.line(l);
         report.check(
             format!(
                 "capture TPS ratio >= 0.85 at {} writers: {ratio:.3}",

@@ -34,6 +34,14 @@ pub fn busy_pause(base: Duration, max: Duration, others_tps: f64, busy_tps: u32)
         .max(base)
 }
 
+/// The server's transactions per second besides this relay's, from two readings `elapsed` apart:
+/// `server` more transactions on the server, `own` of them this relay's. Never negative (the
+/// server's counters restart with a statistics reset or a server restart).
+pub fn others_per_second(server: i64, own: u64, elapsed: Duration) -> f64 {
+    let others = server as f64 - own as f64;
+    others.max(0.0) / elapsed.as_secs_f64().max(1e-3)
+}
+
 /// The current pause, shared by the sampler (writer) and the dispatcher (reader).
 pub struct Pacing {
     base: Duration,
@@ -103,9 +111,11 @@ impl Pacing {
                     let now = Instant::now();
                     let own = store.own_transactions();
                     if let Some((at, prev_total, prev_own)) = last {
-                        let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-                        let others = (total - prev_total) as f64 - (own - prev_own) as f64;
-                        let sample = others.max(0.0) / secs;
+                        let sample = others_per_second(
+                            total - prev_total,
+                            own - prev_own,
+                            now.duration_since(at),
+                        );
                         let smoothed = rate.map_or(sample, |r| (r + sample) / 2.0);
                         rate = Some(smoothed);
                         self.set(smoothed);
@@ -146,6 +156,20 @@ mod tests {
         assert_eq!(busy_pause(2 * MS, 20 * MS, 2500.0, 1000), 5 * MS);
         assert_eq!(busy_pause(2 * MS, 20 * MS, 10_000.0, 1000), 20 * MS);
         assert_eq!(busy_pause(2 * MS, 20 * MS, 1e9, 1000), 20 * MS);
+    }
+
+    #[test]
+    fn the_relays_own_transactions_are_not_counted_as_load() {
+        let second = Duration::from_secs(1);
+        assert_eq!(others_per_second(5_000, 400, second), 4_600.0);
+        // only its own claims: no load at all, however many
+        assert_eq!(others_per_second(400, 400, second), 0.0);
+        // counters reset (pg_stat_reset, a restart): no load rather than a negative one
+        assert_eq!(others_per_second(-1_000_000, 10, second), 0.0);
+        assert_eq!(
+            others_per_second(1_000, 0, Duration::from_millis(500)),
+            2_000.0
+        );
     }
 
     #[test]

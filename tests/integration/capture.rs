@@ -81,6 +81,13 @@ async fn server_clock(c: &Client) -> DateTime<Utc> {
         .get(0)
 }
 
+async fn search_path(c: &Client) -> String {
+    c.query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Run `sql` (one or more statements) and return the events it emitted, checking on the way that
 /// each one was stamped with the time of the change.
 async fn change(c: &Client, sql: &str) -> Vec<Event> {
@@ -991,6 +998,20 @@ async fn relay_session_flag_suppresses_capture() {
     )
     .await;
     assert_events(&evs, &[]);
+    // a writer whose search_path puts a schema before pg_catalog takes the capture code's safe
+    // path, which swaps the search_path for the call: a suppressed change leaves early from
+    // there too, and gives the writer's search_path back
+    let evs = change(
+        c,
+        "SET search_path = public, pg_catalog;
+         BEGIN;
+         SELECT set_config('provisioning.suppress', 'on', true);
+         UPDATE clients SET name = 'tx-quiet 2', balance = -5 WHERE id = 1;",
+    )
+    .await;
+    assert_events(&evs, &[]);
+    assert_eq!(search_path(c).await, "public, pg_catalog");
+    c.batch_execute("COMMIT; RESET search_path").await.unwrap();
     let evs = change(c, "UPDATE clients SET name = 'after tx' WHERE id = 1").await;
     assert_events(
         &evs,
@@ -2313,12 +2334,7 @@ async fn conditions_mean_the_same_whatever_the_writers_search_path() {
     c.batch_execute("UPDATE clients SET credit = 9 WHERE id = 1")
         .await
         .unwrap();
-    let path: String = c
-        .query_one("SELECT current_setting('search_path')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(path, "evil, pg_catalog, public");
+    assert_eq!(search_path(c).await, "evil, pg_catalog, public");
     c.batch_execute("RESET search_path").await.unwrap();
     // a session with temporary tables (pg_temp searched first) captures the same way
     let evs = change(

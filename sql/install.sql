@@ -597,6 +597,22 @@ LANGUAGE sql STABLE AS $fn$
                           AND (t.tgtype & 16) <> 0)    -- UPDATE
 $fn$;
 
+-- The generated code's search-path guard: does the writer's effective search path start with
+-- anything but pg_catalog (a schema listed before it, or a temporary schema)? Declared IMMUTABLE
+-- although it reads the search path, deliberately: PL/pgSQL plans the generated
+-- "IF provisioning.search_path_is_unusual()" once, the planner folds the call into a constant
+-- then, and PL/pgSQL plans that IF again whenever the session's effective search path (temporary
+-- schema included) is not the one it was planned with -- the very rule that makes the guard
+-- necessary (it re-plans the conditions with the new path too). So the guard costs each row a
+-- constant instead of a function call and an array (bench/capture_instructions.sh: a quiet update
+-- +33,774 -> +27,110 instructions). The integration test
+-- search_path_guard_follows_every_change_of_the_writers_path pins the re-planning down. Not for
+-- any other use.
+CREATE OR REPLACE FUNCTION provisioning.search_path_is_unusual() RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) 'pg_catalog'
+$fn$;
+
 -- (Re)generate the capture functions and triggers of one table and operation from its
 -- declarations; drop them when none is left. Insert and delete get one trigger each; update gets
 -- one trigger per run of consecutive events (in position order) that read the same columns, each
@@ -727,7 +743,7 @@ BEGIN
                          '-- Do not edit: declare_event(), drop_event() and refresh() rebuild it.\n'
                          'DECLARE\n    prov_old jsonb;\n    prov_new jsonb;\n    prov_imaged boolean;\n    prov_rang boolean;\n    prov_path text;\n'
                          'BEGIN\n'
-                         '    IF (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.<>) ''pg_catalog'' THEN\n'
+                         '    IF provisioning.search_path_is_unusual() THEN\n'
                          '        -- This function runs as the schema owner, but PL/pgSQL plans the conditions with the\n'
                          '        -- writer''s search_path. A path that puts any schema before pg_catalog could redefine\n'
                          '        -- the operators and types they use, so such writers get a safe path for this call. (A\n'

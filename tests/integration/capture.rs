@@ -2268,6 +2268,66 @@ async fn generated_capture_code_is_static_and_one_trigger_per_operation() {
     );
 }
 
+/// The generated code's search-path guard is an IMMUTABLE function, folded into a constant when
+/// PL/pgSQL plans the IF that calls it; it stays right only because PL/pgSQL plans that IF again
+/// whenever the session's effective search path changes. This pins that behaviour down (in a
+/// function called the way the generated code calls it), so that a PostgreSQL release that
+/// changed it would fail here rather than silently open the guard.
+#[tokio::test]
+async fn search_path_guard_follows_every_change_of_the_writers_path() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE FUNCTION guard_probe() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+             IF provisioning.search_path_is_unusual() THEN RETURN true; END IF;
+             RETURN false;
+         END $$;",
+    )
+    .await
+    .unwrap();
+    let probe = || async {
+        c.query_one("SELECT guard_probe()", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    assert!(!probe().await, "default path: pg_catalog is searched first");
+    assert!(!probe().await, "the same again, from the cached plan");
+    c.batch_execute("SET search_path = public, pg_catalog")
+        .await
+        .unwrap();
+    assert!(probe().await, "a schema listed before pg_catalog");
+    c.batch_execute("SET search_path = pg_catalog, public")
+        .await
+        .unwrap();
+    assert!(!probe().await, "pg_catalog listed first");
+    c.batch_execute("RESET search_path").await.unwrap();
+    assert!(!probe().await);
+    // within one transaction, after the guard ran in it
+    c.batch_execute("BEGIN").await.unwrap();
+    assert!(!probe().await);
+    c.batch_execute("SET LOCAL search_path = public, pg_catalog")
+        .await
+        .unwrap();
+    assert!(
+        probe().await,
+        "SET LOCAL after the guard ran in this transaction"
+    );
+    c.batch_execute("COMMIT").await.unwrap();
+    assert!(!probe().await, "the SET LOCAL ended with its transaction");
+    // a temporary schema is searched before pg_catalog for types and tables
+    c.batch_execute("CREATE TEMP TABLE scratch (a int)")
+        .await
+        .unwrap();
+    assert!(probe().await, "the session now has a temporary schema");
+    c.batch_execute("SET search_path = pg_catalog, pg_temp, public")
+        .await
+        .unwrap();
+    assert!(!probe().await, "pg_catalog listed before pg_temp");
+    c.batch_execute("RESET search_path").await.unwrap();
+}
+
 #[tokio::test]
 async fn conditions_mean_the_same_whatever_the_writers_search_path() {
     let db = vcs_db().await;

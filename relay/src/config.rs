@@ -47,7 +47,7 @@ impl Default for Config {
             pool_size: 8,
             poll_interval_ms: 1000,
             busy_poll_interval_ms: 2,
-            max_busy_poll_interval_ms: 20,
+            max_busy_poll_interval_ms: 100,
             busy_database_tps: 1000,
             idle_after_ms: 250,
             claim_batch: 500,

@@ -67,7 +67,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             poll_interval: Duration::from_millis(1000),
             busy_poll_interval: Duration::from_millis(2),
-            max_busy_poll_interval: Duration::from_millis(20),
+            max_busy_poll_interval: Duration::from_millis(100),
             busy_database_tps: 1000,
             pacing_interval: Duration::from_secs(1),
             idle_after: Duration::from_millis(250),

@@ -663,7 +663,7 @@ BEGIN
     -- instructions per row by bench/capture_instructions.sh.) Changes the relay makes itself
     -- (before-stage decisions, under provisioning.suppress) emit nothing: that is checked here, when
     -- the first event fires, not on every row: most rows fire nothing, and the test cost each of
-    -- them ~4,000 instructions. '/*prov_return*/' becomes the way out of the function: a plain
+    -- them ~3,000 instructions. '/*prov_return*/' becomes the way out of the function: a plain
     -- RETURN, or one that first restores the writer's search_path (see the guard in the body).
     v_images := format(E'        IF prov_imaged IS NULL THEN\n'
                         '            IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on'' THEN /*prov_return*/ END IF;\n'

@@ -5,8 +5,8 @@
 //! a few milliseconds of the change. On a server busy with business commits, the same claims —
 //! hundreds a second under a trickle, each finding one or two events — compete with the writers
 //! for CPU and WAL flushes: measured at 8 pgbench writers (~500 events/s captured, ~10,000
-//! commits/s), the relay took ~0.21 off the writers' TPS with a 2 ms poll and ~0.11 with this
-//! pacing (README, Performance).
+//! commits/s), the relay took ~0.21 off the writers' TPS with a 2 ms poll and ~0.11 with a first,
+//! linear pacing (README, Performance).
 //!
 //! So the relay watches the server's commit rate (`pg_stat_database`, all databases, minus its own
 //! transactions) and, above `busy_database_tps`, stretches the pause with the square of the load,

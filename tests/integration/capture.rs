@@ -2286,45 +2286,49 @@ async fn search_path_guard_follows_every_change_of_the_writers_path() {
     )
     .await
     .unwrap();
-    let probe = || async {
-        c.query_one("SELECT guard_probe()", &[])
+    // (statement run first, the guard's answer after it, why)
+    let steps = [
+        ("", false, "default path: pg_catalog is searched first"),
+        ("", false, "the same again, from the cached plan"),
+        (
+            "SET search_path = public, pg_catalog",
+            true,
+            "a schema listed before pg_catalog",
+        ),
+        (
+            "SET search_path = pg_catalog, public",
+            false,
+            "pg_catalog listed first",
+        ),
+        ("RESET search_path", false, "the default again"),
+        ("BEGIN", false, "in a transaction, before any SET"),
+        (
+            "SET LOCAL search_path = public, pg_catalog",
+            true,
+            "SET LOCAL after the guard ran in this transaction",
+        ),
+        ("COMMIT", false, "the SET LOCAL ended with its transaction"),
+        // a temporary schema is searched before pg_catalog for types and tables
+        (
+            "CREATE TEMP TABLE scratch (a int)",
+            true,
+            "the session now has a temporary schema",
+        ),
+        (
+            "SET search_path = pg_catalog, pg_temp, public",
+            false,
+            "pg_catalog listed before pg_temp",
+        ),
+    ];
+    for (sql, unusual, why) in steps {
+        c.batch_execute(sql).await.unwrap();
+        let got: bool = c
+            .query_one("SELECT guard_probe()", &[])
             .await
             .unwrap()
-            .get::<_, bool>(0)
-    };
-    assert!(!probe().await, "default path: pg_catalog is searched first");
-    assert!(!probe().await, "the same again, from the cached plan");
-    c.batch_execute("SET search_path = public, pg_catalog")
-        .await
-        .unwrap();
-    assert!(probe().await, "a schema listed before pg_catalog");
-    c.batch_execute("SET search_path = pg_catalog, public")
-        .await
-        .unwrap();
-    assert!(!probe().await, "pg_catalog listed first");
-    c.batch_execute("RESET search_path").await.unwrap();
-    assert!(!probe().await);
-    // within one transaction, after the guard ran in it
-    c.batch_execute("BEGIN").await.unwrap();
-    assert!(!probe().await);
-    c.batch_execute("SET LOCAL search_path = public, pg_catalog")
-        .await
-        .unwrap();
-    assert!(
-        probe().await,
-        "SET LOCAL after the guard ran in this transaction"
-    );
-    c.batch_execute("COMMIT").await.unwrap();
-    assert!(!probe().await, "the SET LOCAL ended with its transaction");
-    // a temporary schema is searched before pg_catalog for types and tables
-    c.batch_execute("CREATE TEMP TABLE scratch (a int)")
-        .await
-        .unwrap();
-    assert!(probe().await, "the session now has a temporary schema");
-    c.batch_execute("SET search_path = pg_catalog, pg_temp, public")
-        .await
-        .unwrap();
-    assert!(!probe().await, "pg_catalog listed before pg_temp");
+            .get(0);
+        assert_eq!(got, unusual, "after {sql:?}: {why}");
+    }
     c.batch_execute("RESET search_path").await.unwrap();
 }
 

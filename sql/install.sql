@@ -640,6 +640,7 @@ DECLARE
     v_fns     text[] := '{}';   -- each group's function name
     v_attrs   text;
     v_collist text;
+    v_return  text;
     e         record;
     t         record;
     i         int;
@@ -658,13 +659,18 @@ BEGIN
             USING HINT = 'Declare events as the owner of the provisioning schema (the role that ran install.sql).';
     END IF;
     v_split := p_operation = 'update' AND provisioning.column_triggers_safe(v_table);
+    -- How the generated code returns. The value an AFTER trigger returns is ignored, and PL/pgSQL
+    -- returns a row variable as it is, whereas RETURN NULL is an expression that it prepares in
+    -- every transaction and evaluates, like an IF: ~2,800 instructions on every captured row, a
+    -- tenth of what a quiet update cost (bench/capture_instructions.sh).
+    v_return := CASE WHEN p_operation = 'delete' THEN 'RETURN OLD;' ELSE 'RETURN NEW;' END;
     -- The row images are built once, and only when an event fires. (prov_imaged starts NULL, not
     -- false: a default is an expression PL/pgSQL prepares again in every transaction, ~1,100
     -- instructions per row by bench/capture_instructions.sh.) Changes the relay makes itself
     -- (before-stage decisions, under provisioning.suppress) emit nothing: that is checked here, when
     -- the first event fires, not on every row: most rows fire nothing, and the test cost each of
     -- them ~3,000 instructions. '/*prov_return*/' becomes the way out of the function: a plain
-    -- RETURN, or one that first restores the writer's search_path (see the guard in the body).
+    -- return (v_return), or one that first restores the writer's search_path (see the guard in the body).
     v_images := format(E'        IF prov_imaged IS NULL THEN\n'
                         '            IF pg_catalog.current_setting(''provisioning.suppress'', true) OPERATOR(pg_catalog.=) ''on'' THEN /*prov_return*/ END IF;\n'
                         '           %s%s prov_imaged := true;\n'
@@ -752,16 +758,18 @@ BEGIN
                          '        PERFORM pg_catalog.set_config(''search_path'', ''pg_catalog, pg_temp'', true);\n'
                          '%s'
                          '        PERFORM pg_catalog.set_config(''search_path'', prov_path, true);\n'
-                         '        RETURN NULL;\n'
+                         '        %s\n'
                          '    END IF;\n'
                          '%s'
-                         '    RETURN NULL;\n'
+                         '    %s\n'
                          'END\n',
                          p_operation, p_relation,
                          CASE WHEN v_gsets[i] <> '' THEN format(' (trigger %s: updates that assign any of %s)', v_names[i], v_gsets[i]) ELSE '' END,
                          replace(regexp_replace(v_groups[i], '^(.)', '    \1', 'gn'), '/*prov_return*/',
-                                 'PERFORM pg_catalog.set_config(''search_path'', prov_path, true); RETURN NULL;'),
-                         replace(v_groups[i], '/*prov_return*/', 'RETURN NULL;'));
+                                 'PERFORM pg_catalog.set_config(''search_path'', prov_path, true); ' || v_return),
+                         v_return,
+                         replace(v_groups[i], '/*prov_return*/', v_return),
+                         v_return);
         -- SECURITY DEFINER without SET search_path: see the search_path guard in the body.
         EXECUTE format('CREATE OR REPLACE FUNCTION provisioning.%I() RETURNS trigger LANGUAGE plpgsql '
                        'SECURITY DEFINER AS %L', v_fns[i], v_body);

@@ -28,7 +28,7 @@
 //! Throughout, the relay's VmRSS is sampled (c), and CPU time is split between the relay, the
 //! PostgreSQL processes, this bench (receiver + producers) and everything else on the machine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -510,8 +510,29 @@ fn cpu_snapshot() -> CpuSnap {
     }
 }
 
-/// "relay 45 %, postgres 120 %, bench 20 %, pgbench 0 %, other 5 %, idle 10 %" (100 % = one core).
-fn cpu_split(before: &CpuSnap, after: &CpuSnap, relay_pid: Option<u32>) -> String {
+/// The server processes of the relay's sessions (its pool and its doorbell connection), to tell
+/// the relay's share of the bench database's backends from the writers'.
+async fn relay_backends(db: &Client) -> HashSet<u32> {
+    match db
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'relay %'",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect(),
+        Err(_) => HashSet::new(),
+    }
+}
+
+/// "relay 45 %, postgres 120 % (of which the relay's sessions 10 %), bench 20 %, pgbench 0 %,
+/// other 5 %, idle 10 %" (100 % = one core).
+fn cpu_split(
+    before: &CpuSnap,
+    after: &CpuSnap,
+    relay_pid: Option<u32>,
+    relay_backends: &HashSet<u32>,
+) -> String {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -519,6 +540,7 @@ fn cpu_split(before: &CpuSnap, after: &CpuSnap, relay_pid: Option<u32>) -> Strin
     let wall = after.at.duration_since(before.at).as_secs_f64().max(1e-3);
     let me = std::process::id();
     let (mut relay, mut pg, mut pg_other, mut bench, mut pgbench) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut pg_relay = 0u64;
     for (pid, (comm, ticks)) in &after.procs {
         let d = ticks.saturating_sub(before.procs.get(pid).map(|(_, t)| *t).unwrap_or(0));
         if Some(*pid) == relay_pid {
@@ -527,6 +549,9 @@ fn cpu_split(before: &CpuSnap, after: &CpuSnap, relay_pid: Option<u32>) -> Strin
             bench += d;
         } else if comm == "postgres:bench" {
             pg += d;
+            if relay_backends.contains(pid) {
+                pg_relay += d;
+            }
         } else if comm == "postgres" {
             pg_other += d;
         } else if comm == "pgbench" {
@@ -539,9 +564,10 @@ fn cpu_split(before: &CpuSnap, after: &CpuSnap, relay_pid: Option<u32>) -> Strin
     let pct = |t: u64| 100.0 * t as f64 / hz / wall;
     let idle = (100.0 * cores - pct(busy)).max(0.0);
     let mut s = format!(
-        "CPU (100 % = 1 core, {cores:.0} cores): relay {:.0} %, postgres (bench db backends) {:.0} %, postgres (background + other dbs) {:.0} %, bench {:.0} %",
+        "CPU (100 % = 1 core, {cores:.0} cores): relay {:.0} %, postgres (bench db backends) {:.0} % (of which the relay's sessions {:.1} %), postgres (background + other dbs) {:.0} %, bench {:.0} %",
         pct(relay),
         pct(pg),
+        pct(pg_relay),
         pct(pg_other),
         pct(bench)
     );
@@ -1022,7 +1048,7 @@ async fn drain(
         secs_first_to_last: (last - first) as f64 / 1e6,
         startup_secs: (first - spawned_us) as f64 / 1e6,
         peak_rss_kb: sampler.as_ref().map(|s| s.take_phase_peak()).unwrap_or(0),
-        cpu: cpu_split(&cpu0, &cpu1, Some(pid)),
+        cpu: cpu_split(&cpu0, &cpu1, Some(pid), &relay_backends(db).await),
     })
 }
 
@@ -1336,7 +1362,7 @@ async fn rate_phase(
         extra_commits_per_event: extra as f64 / produced.max(1) as f64,
         kept_up: produced > 0 && received_in_grace >= produced,
         peak_rss_kb: sampler.map(|s| s.take_phase_peak()).unwrap_or(0),
-        cpu: cpu_split(&cpu0, &cpu1, Some(relay_pid)),
+        cpu: cpu_split(&cpu0, &cpu1, Some(relay_pid), &relay_backends(db).await),
     })
 }
 
@@ -1495,7 +1521,7 @@ async fn pgbench_run(
         drained_secs,
         wal_per_xact: wal / xacts.max(1) as f64,
         relay_running: relay_pid.is_some(),
-        cpu: cpu_split(&cpu0, &cpu1, relay_pid),
+        cpu: cpu_split(&cpu0, &cpu1, relay_pid, &relay_backends(db).await),
         waits,
         wal_counts,
     })

@@ -214,9 +214,11 @@ LANGUAGE sql STABLE AS $fn$
 $fn$;
 
 -- Routes: which live handlers each declared event fans out to, and the status its delivery starts
--- in. Capture reads this (one index lookup per event) instead of matching every handler's patterns
--- per event; it is rebuilt whole, in the writer's transaction, whenever handlers or declarations
--- change (both are small and change rarely). Paused handlers are routed (their deliveries are
+-- in. It is rebuilt whole, in the writer's transaction, whenever handlers or declarations change
+-- (both are small and change rarely), and the generated capture functions carry each event's
+-- routes as literals: when the routes of an event change, its table's capture functions are
+-- rewritten in the same transaction (see rebuild_routes). So capture never matches handlers'
+-- patterns nor reads this table per event. Paused handlers are routed (their deliveries are
 -- held); disabled and archived ones are not. When a before-stage handler subscribes, only the
 -- first before-stage delivery starts pending; the rest of the chain and every after-stage delivery
 -- wait for its decision.
@@ -229,13 +231,27 @@ CREATE TABLE IF NOT EXISTS provisioning.routes (
     PRIMARY KEY (event, priority, handler_id)
 );
 
+-- Each event's routes in delivery order, as one JSON value (to tell which events' routes changed).
+CREATE OR REPLACE FUNCTION provisioning.routes_by_event() RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(jsonb_object_agg(event, routes), '{}')
+      FROM (SELECT event, jsonb_agg(jsonb_build_array(handler_id, stage, priority, initial_status)
+                                    ORDER BY priority, handler_id) AS routes
+              FROM provisioning.routes GROUP BY event) r
+$fn$;
+
 CREATE OR REPLACE FUNCTION provisioning.rebuild_routes() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_before jsonb;
+    v_after  jsonb;
+    r        record;
 BEGIN
     -- One rebuilder at a time; it then reads the handlers and declarations as committed (a fresh
     -- snapshot per statement), so two concurrent handler changes cannot leave stale routes.
-    -- Capture only reads routes and is never blocked by this lock.
+    -- Capture never takes this lock.
     LOCK TABLE provisioning.routes IN SHARE ROW EXCLUSIVE MODE;
+    v_before := provisioning.routes_by_event();
     DELETE FROM provisioning.routes;
     INSERT INTO provisioning.routes (event, priority, handler_id, stage, initial_status)
     SELECT s.event, s.priority, s.id, s.stage,
@@ -249,6 +265,17 @@ BEGIN
               JOIN provisioning.handlers h
                 ON h.status IN ('enabled', 'paused')
                AND EXISTS (SELECT 1 FROM unnest(h.events) p WHERE provisioning.event_matches(p, ce.event))) s;
+    -- The capture functions of the events whose routes changed carry the old routes: rewrite them
+    -- (only their bodies: no lock on the captured tables, so a handler change never waits for, nor
+    -- blocks, the application's writes). Writers run the new code from their next statement on.
+    v_after := provisioning.routes_by_event();
+    IF v_before IS DISTINCT FROM v_after THEN
+        FOR r IN SELECT DISTINCT relation, operation FROM provisioning.capture_events
+                  WHERE (v_before -> event) IS DISTINCT FROM (v_after -> event)
+                  ORDER BY relation, operation LOOP
+            PERFORM provisioning.generate_capture(r.relation, r.operation, true);
+        END LOOP;
+    END IF;
     RETURN NULL;
 END
 $fn$;
@@ -269,11 +296,13 @@ CREATE TRIGGER lock_routes BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON prov
 DROP TRIGGER IF EXISTS rebuild_routes ON provisioning.handlers;
 CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.handlers
     FOR EACH STATEMENT EXECUTE FUNCTION provisioning.rebuild_routes();
+-- Routes depend on which events are declared, not on how: generate_capture() storing a compiled
+-- test (UPDATE OF compiled_test) must not rebuild them.
 DROP TRIGGER IF EXISTS lock_routes ON provisioning.capture_events;
-CREATE TRIGGER lock_routes BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.capture_events
+CREATE TRIGGER lock_routes BEFORE INSERT OR UPDATE OF event OR DELETE OR TRUNCATE ON provisioning.capture_events
     FOR EACH STATEMENT EXECUTE FUNCTION provisioning.lock_routes();
 DROP TRIGGER IF EXISTS rebuild_routes ON provisioning.capture_events;
-CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON provisioning.capture_events
+CREATE TRIGGER rebuild_routes AFTER INSERT OR UPDATE OF event OR DELETE OR TRUNCATE ON provisioning.capture_events
     FOR EACH STATEMENT EXECUTE FUNCTION provisioning.rebuild_routes();
 
 ------------------------------------------------------------------------------------------------------
@@ -302,6 +331,11 @@ CREATE TABLE IF NOT EXISTS provisioning.events (
 ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_insert_scale_factor = 0.05);
 ALTER TABLE provisioning.events ADD COLUMN IF NOT EXISTS decided_data jsonb;
 ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS compiled_condition text;
+-- The test the generated capture code runs for the event (its condition and, for data shape
+-- 'changed', the column comparison, checked as a whole), as generate_capture() last compiled it;
+-- '' = always. Kept so that a routing change can rewrite the capture functions without compiling
+-- the tests again (which takes a lock on the captured table).
+ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS compiled_test text;
 CREATE INDEX IF NOT EXISTS events_changed_at ON provisioning.events USING brin (changed_at);
 
 -- The work queue. Succeeded deliveries are deleted (their record lives on in provisioning.attempts),
@@ -404,8 +438,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 -- schema-qualified names, so they mean the same whatever the search_path of the writer.
 --
 -- Writing an event is one statement, inlined in the generated function with everything known at
--- declaration time as literals: insert the event, insert its deliveries from provisioning.routes,
--- and ring the doorbell if a relay sleeps. (A shared emit() function called per event cost ~90 us
+-- generation time as literals, its routes (handlers, order, starting status) included: insert the
+-- event, insert its deliveries, and ring the doorbell if a relay sleeps. The functions are
+-- generated again when declarations change and, body only, when routes do (rebuild_routes). (A shared emit() function called per event cost ~90 us
 -- an event: a function call, an IF chain, and three statements each started by the executor.)
 --
 -- The generated functions are SECURITY DEFINER: application roles that change captured tables
@@ -497,15 +532,19 @@ LANGUAGE sql STABLE AS $fn$
 $fn$;
 
 -- The statement a generated capture function runs to write one event: the event, its deliveries
--- (from provisioning.routes), and the doorbell if a relay sleeps (one NOTIFY per transaction at
--- most: identical notifications fold). Everything but the row images is a literal. Every name is
--- schema-qualified and every operator spelled OPERATOR(pg_catalog.x): the statement runs as the
--- schema owner, planned with the writer's search_path.
+-- (one per route of the event, as provisioning.routes holds them now), and the doorbell if a relay
+-- sleeps (one NOTIFY per transaction at most: identical notifications fold). An event nobody is
+-- subscribed to is only stored (for replays). Everything but the row images is a literal: the
+-- routes too (bench/capture_instructions.sh: reading them from provisioning.routes cost each event
+-- ~44,000 instructions, +397,846 against +354,230). Every name is schema-qualified and every
+-- operator spelled OPERATOR(pg_catalog.x): the statement runs as the schema owner, planned with
+-- the writer's search_path.
 CREATE OR REPLACE FUNCTION provisioning.event_write(
     p_event text, p_entity text, p_key_column text, p_shape text, p_json_column text, p_exclude text[],
     p_operation text, p_relation text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE AS $fn$
+LANGUAGE plpgsql STABLE AS $fn$
 DECLARE
+    v_routes text;
     v_row  text := CASE WHEN p_operation = 'delete' THEN 'prov_old' ELSE 'prov_new' END;
     v_key  text := format('(%s OPERATOR(pg_catalog.->) %L::pg_catalog.text)', v_row, p_key_column);
     v_data text;
@@ -533,6 +572,20 @@ BEGIN
                          'WHERE (%s OPERATOR(pg_catalog.->) k.key) IS DISTINCT FROM (%s OPERATOR(pg_catalog.->) k.key))',
                          p_key_column, v_key, p_json_column, v_jn, v_jn, v_jn, v_jo, v_jo, v_jn, v_jo);
     END IF;
+    -- in delivery order: the deliveries of one event get their ids in the order of the routes
+    SELECT string_agg(format('(%s::pg_catalog.int8, %L::pg_catalog.text, %s::pg_catalog.int4, %L::pg_catalog.text)',
+                             r.handler_id, r.stage, r.priority, r.initial_status), ', ' ORDER BY r.priority, r.handler_id)
+      INTO v_routes
+      FROM provisioning.routes r
+     WHERE r.event = p_event;
+    IF v_routes IS NULL THEN
+        RETURN format(
+            E'        INSERT INTO provisioning.events (name, entity, object_id, operation, data, old_row, new_row, relation)\n'
+             '        VALUES (%L, %L, COALESCE(%s, ''null''::pg_catalog.jsonb), %L,\n'
+             '                %s,\n'
+             '                prov_old, prov_new, %L);  -- no handler subscribed when this was generated\n',
+            p_event, p_entity, v_key, p_operation, v_data, p_relation);
+    END IF;
     RETURN format(
         E'        WITH prov_event AS (\n'
          '                 INSERT INTO provisioning.events (name, entity, object_id, operation, data, old_row, new_row, relation)\n'
@@ -544,15 +597,12 @@ BEGIN
          '                 INSERT INTO provisioning.deliveries (event_id, handler_id, stage, priority, entity, object_key, status)\n'
          '                 SELECT prov_event.id, r.handler_id, r.stage, r.priority, %L,\n'
          '                        COALESCE(%s OPERATOR(pg_catalog.#>>) ''{}''::pg_catalog.text[], ''''), r.initial_status\n'
-         '                   FROM prov_event, provisioning.routes r\n'
-         '                  WHERE r.event OPERATOR(pg_catalog.=) %L::pg_catalog.text\n'
-         '                  ORDER BY r.priority, r.handler_id\n'
-         '                 RETURNING 1)\n'
+         '                   FROM prov_event,\n'
+         '                        (VALUES %s) r (handler_id, stage, priority, initial_status))\n'
          '        SELECT pg_catalog.pg_notify(''provisioning_events'', '''') IS NULL INTO prov_rang\n'
-         '         WHERE EXISTS (SELECT 1 FROM prov_fanout)\n'
-         '           AND EXISTS (SELECT 1 FROM provisioning.relays\n'
+         '         WHERE EXISTS (SELECT 1 FROM provisioning.relays\n'
          '                        WHERE sleeping AND heartbeat_at OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) ''1 minute''::pg_catalog.interval));\n',
-        p_event, p_entity, v_key, p_operation, v_data, p_relation, p_entity, v_key, p_event);
+        p_event, p_entity, v_key, p_operation, v_data, p_relation, p_entity, v_key, v_routes);
 END
 $fn$;
 
@@ -618,7 +668,12 @@ $fn$;
 -- one trigger per run of consecutive events (in position order) that read the same columns, each
 -- listing them (see column_triggers_safe), or a single trigger for all when that is not safe or
 -- an event may read any column. Triggers fire in name order, so events keep their positions.
-CREATE OR REPLACE FUNCTION provisioning.generate_capture(p_relation text, p_operation text) RETURNS void
+-- p_routes_only (after a routing change, from rebuild_routes): the declarations are unchanged, so
+-- take each event's test as last compiled and only rewrite the functions' bodies; if the table's
+-- triggers would change, or a test was never stored, do the whole generation after all.
+DROP FUNCTION IF EXISTS provisioning.generate_capture(text, text);
+CREATE OR REPLACE FUNCTION provisioning.generate_capture(p_relation text, p_operation text,
+                                                         p_routes_only boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
     v_table   regclass := to_regclass(p_relation);
@@ -638,8 +693,8 @@ DECLARE
     v_gsets   text[] := '{}';   -- each group's columns as a text[] literal ('' = any column)
     v_names   text[] := '{}';   -- each group's trigger name
     v_fns     text[] := '{}';   -- each group's function name
-    v_attrs   text;
-    v_collist text;
+    v_attrs   text[] := '{}';   -- each group's column numbers as pg_trigger.tgattr prints them
+    v_collist text[] := '{}';   -- each group's quoted column list ('' = any column)
     v_return  text;
     e         record;
     t         record;
@@ -681,18 +736,30 @@ BEGIN
                FROM provisioning.capture_events ce JOIN provisioning.captures c USING (relation)
               WHERE ce.relation = p_relation AND ce.operation = p_operation
               ORDER BY ce.position, ce.event LOOP
-        v_cond := e.compiled_condition;
-        IF e.data_shape = 'changed' THEN
-            v_changed := provisioning.changed_comparison(v_table, e.exclude_columns);
-            IF v_changed IS NULL THEN
-                RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', e.event, p_relation;
+        IF p_routes_only THEN
+            IF e.compiled_test IS NULL THEN
+                PERFORM provisioning.generate_capture(p_relation, p_operation, false);
+                RETURN;
             END IF;
-            v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
-        END IF;
-        -- checked again as a whole: the table may have changed since the declaration (refresh)
-        v_test := NULL;
-        IF v_cond IS NOT NULL THEN
-            v_test := provisioning.compile_condition(e.event, v_table, p_operation, v_cond);
+            v_test := nullif(e.compiled_test, '');
+        ELSE
+            v_cond := e.compiled_condition;
+            IF e.data_shape = 'changed' THEN
+                v_changed := provisioning.changed_comparison(v_table, e.exclude_columns);
+                IF v_changed IS NULL THEN
+                    RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', e.event, p_relation;
+                END IF;
+                v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
+            END IF;
+            -- checked again as a whole: the table may have changed since the declaration (refresh)
+            v_test := NULL;
+            IF v_cond IS NOT NULL THEN
+                v_test := provisioning.compile_condition(e.event, v_table, p_operation, v_cond);
+            END IF;
+            IF e.compiled_test IS DISTINCT FROM coalesce(v_test, '') THEN
+                UPDATE provisioning.capture_events SET compiled_test = coalesce(v_test, '')
+                 WHERE event = e.event AND operation = e.operation;
+            END IF;
         END IF;
         v_emit := v_images || provisioning.event_write(e.event, e.entity, e.key_column, e.data_shape, e.json_column,
                                                        e.exclude_columns, p_operation, p_relation);
@@ -724,6 +791,28 @@ BEGIN
             v_names := v_names || format('%s_%s', v_trigger, lpad(i::text, 2, '0'));
             v_fns := v_fns || format('%s_g%s', v_fn, i);
         END LOOP;
+    END IF;
+    FOR i IN 1 .. v_group LOOP
+        v_attrs := v_attrs || (SELECT coalesce(string_agg(a.attnum::text, ' ' ORDER BY a.attnum), '')
+                                 FROM pg_attribute a
+                                WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]));
+        v_collist := v_collist || (SELECT coalesce(string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum), '')
+                                     FROM pg_attribute a
+                                    WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]));
+    END LOOP;
+    -- A routing change rewrites function bodies only; trigger DDL (which locks the table) means the
+    -- table changed in a way only a whole generation handles.
+    IF p_routes_only AND (
+           EXISTS (SELECT 1 FROM pg_trigger tg
+                    WHERE tg.tgrelid = v_table AND NOT tg.tgisinternal
+                      AND (tg.tgname = v_trigger OR tg.tgname ~ ('^' || v_trigger || '_[0-9]+$'))
+                      AND NOT (tg.tgname = ANY (v_names)))
+        OR EXISTS (SELECT 1 FROM unnest(v_names, v_attrs) AS g(name, attrs)
+                    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger tg
+                                       WHERE tg.tgrelid = v_table AND tg.tgname = g.name
+                                         AND tg.tgattr::text = g.attrs))) THEN
+        PERFORM provisioning.generate_capture(p_relation, p_operation, false);
+        RETURN;
     END IF;
     -- Our own CREATE TRIGGER must not make the DDL event trigger regenerate this capture again.
     PERFORM set_config('provisioning.generating', 'on', true);
@@ -775,18 +864,13 @@ BEGIN
                        'SECURITY DEFINER AS %L', v_fns[i], v_body);
         EXECUTE format('REVOKE ALL ON FUNCTION provisioning.%I() FROM PUBLIC', v_fns[i]);
         -- A trigger is re-created only when its column list changed.
-        SELECT coalesce(string_agg(a.attnum::text, ' ' ORDER BY a.attnum), ''),
-               string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum)
-          INTO v_attrs, v_collist
-          FROM pg_attribute a
-         WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]);
         IF EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = v_table AND tg.tgname = v_names[i]
-                      AND tg.tgattr::text IS DISTINCT FROM v_attrs) THEN
+                      AND tg.tgattr::text IS DISTINCT FROM v_attrs[i]) THEN
             EXECUTE format('DROP TRIGGER %I ON %s', v_names[i], p_relation);
         END IF;
         IF NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = v_table AND tg.tgname = v_names[i]) THEN
             EXECUTE format('CREATE TRIGGER %I AFTER %s%s ON %s FOR EACH ROW EXECUTE FUNCTION provisioning.%I()',
-                           v_names[i], upper(p_operation), coalesce(' OF ' || v_collist, ''), p_relation, v_fns[i]);
+                           v_names[i], upper(p_operation), coalesce(' OF ' || nullif(v_collist[i], ''), ''), p_relation, v_fns[i]);
         END IF;
     END LOOP;
     PERFORM set_config('provisioning.generating', '', true);
@@ -1181,7 +1265,7 @@ BEGIN
     FOR r IN SELECT DISTINCT relation, operation FROM provisioning.capture_events ORDER BY 1, 2 LOOP
         PERFORM provisioning.generate_capture(r.relation, r.operation);
     END LOOP;
-    UPDATE provisioning.capture_events SET position = position WHERE false;  -- fires rebuild_routes
+    UPDATE provisioning.capture_events SET event = event WHERE false;  -- fires rebuild_routes
 END
 $regenerate$;
 

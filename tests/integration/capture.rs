@@ -2086,9 +2086,16 @@ async fn events_reach_only_subscribed_live_handlers() {
 
 /// The handlers an event got deliveries for, by name.
 async fn delivered_to(c: &Client, event_id: i64) -> Vec<String> {
+    let mut names = delivery_order(c, event_id).await;
+    names.sort();
+    names
+}
+
+/// The handlers an event got deliveries for, in delivery-id order.
+async fn delivery_order(c: &Client, event_id: i64) -> Vec<String> {
     c.query(
         "SELECT h.name FROM provisioning.deliveries d JOIN provisioning.handlers h ON h.id = d.handler_id
-          WHERE d.event_id = $1 ORDER BY h.name",
+          WHERE d.event_id = $1 ORDER BY d.id",
         &[&event_id],
     )
     .await
@@ -2180,6 +2187,73 @@ async fn handler_writers_queue_for_the_routes_without_deadlocking() {
                             WHERE h.status = 'paused' AND h.priority = 5 AND r.priority = 5 AND r.event = 'clients.vip'").await,
         1
     );
+}
+
+#[tokio::test]
+async fn handler_changes_rewrite_capture_without_waiting_for_writers() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    // The capture functions carry their routes as literals and a handler change rewrites them.
+    // That must not lock the captured table: an application transaction that has changed a
+    // client and not yet committed holds a lock that any trigger DDL on `clients` would wait for.
+    let writer = db.connect().await;
+    writer
+        .batch_execute("BEGIN; UPDATE clients SET name = 'in flight' WHERE id = 1")
+        .await
+        .unwrap();
+    let operator = db.connect().await;
+    operator
+        .batch_execute(
+            "SET lock_timeout = '5s';
+             INSERT INTO provisioning.handlers (name, events, kind, target, priority) VALUES
+                 ('first',  '{clients.*}', 'http', 'http://127.0.0.1:9/a', 5),
+                 ('second', '{clients.update,clients.balance_zero}', 'http', 'http://127.0.0.1:9/b', 50);",
+        )
+        .await
+        .expect("a handler change does not wait for the writers of captured tables");
+    writer.batch_execute("COMMIT").await.unwrap();
+    // the writer's change was captured before the handlers existed
+    let first_event = last_event_id(c).await;
+    assert_eq!(delivery_order(c, first_event).await, Vec::<String>::new());
+
+    // the next changes are routed by the rewritten code, deliveries in priority order
+    let evs = change(c, "UPDATE clients SET name = 'routed' WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    assert_eq!(delivery_order(c, evs[0].id).await, ["first", "second"]);
+    let evs = change(c, "UPDATE clients SET balance = 0 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.balance_zero"]);
+    assert_eq!(delivery_order(c, evs[0].id).await, ["first", "second"]);
+
+    // a priority change reorders; a disabled handler drops out; an event nobody subscribes to
+    // is still stored (for replays), with no deliveries
+    operator
+        .batch_execute(
+            "UPDATE provisioning.handlers SET priority = 90 WHERE name = 'first';
+             UPDATE provisioning.handlers SET status = 'disabled' WHERE name = 'second';",
+        )
+        .await
+        .unwrap();
+    assert_events(
+        &change(c, "UPDATE clients SET balance = -2 WHERE id = 1").await,
+        &[],
+    );
+    let evs = change(c, "UPDATE clients SET balance = 3 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.balance_notzero"]);
+    assert_eq!(delivery_order(c, evs[0].id).await, ["first"]);
+    operator
+        .batch_execute("UPDATE provisioning.handlers SET status = 'enabled' WHERE name = 'second'")
+        .await
+        .unwrap();
+    let evs = change(c, "UPDATE clients SET name = 'again' WHERE id = 1").await;
+    assert_eq!(delivery_order(c, evs[0].id).await, ["second", "first"]);
+    operator
+        .batch_execute("DELETE FROM provisioning.handlers")
+        .await
+        .unwrap();
+    let evs = change(c, "UPDATE clients SET name = 'unrouted' WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    assert_eq!(delivery_order(c, evs[0].id).await, Vec::<String>::new());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -700,6 +700,13 @@ DECLARE
     t         record;
     i         int;
 BEGIN
+    IF v_table IS NULL AND p_routes_only THEN
+        -- Renamed (or dropped) since it was attached: a renamed table's triggers still run these
+        -- functions, so keep them (with the routes they have) rather than stop its capture.
+        RAISE WARNING 'provisioning: captured table % no longer exists under that name; its capture keeps the handlers it had', p_relation
+            USING HINT = 'If it was renamed, attach the new name (provisioning.attach, declare_event) and detach the old one.';
+        RETURN;
+    END IF;
     IF v_table IS NULL THEN
         FOR t IN SELECT proname FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace
                     AND (proname = v_fn OR proname LIKE v_fn || '\_g%') LOOP
@@ -713,6 +720,9 @@ BEGIN
         RAISE EXCEPTION 'cannot generate the capture trigger of %: role % may not write to provisioning.events and provisioning.deliveries', p_relation, current_user
             USING HINT = 'Declare events as the owner of the provisioning schema (the role that ran install.sql).';
     END IF;
+    -- One generation at a time, and none while routes change (a handler change rewrites capture
+    -- functions too): two transactions replacing the same function would fail.
+    LOCK TABLE provisioning.routes IN SHARE ROW EXCLUSIVE MODE;
     v_split := p_operation = 'update' AND provisioning.column_triggers_safe(v_table);
     -- How the generated code returns. The value an AFTER trigger returns is ignored, and PL/pgSQL
     -- returns a row variable as it is, whereas RETURN NULL is an expression that it prepares in

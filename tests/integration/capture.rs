@@ -2256,6 +2256,28 @@ async fn handler_changes_rewrite_capture_without_waiting_for_writers() {
     assert_eq!(delivery_order(c, evs[0].id).await, Vec::<String>::new());
 }
 
+#[tokio::test]
+async fn a_routing_change_leaves_a_renamed_tables_capture_running() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute(
+        "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('a', '{clients.*}', 'http', 'http://127.0.0.1:9/a');
+         ALTER TABLE clients RENAME TO customers;
+         INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('b', '{clients.*}', 'http', 'http://127.0.0.1:9/b');",
+    )
+    .await
+    .expect("a handler change succeeds although a captured table was renamed");
+    // its triggers still run the functions generated for the old name, with the routes they had
+    let evs = change(
+        c,
+        "UPDATE customers SET name = 'renamed table' WHERE id = 1",
+    )
+    .await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    assert_eq!(delivery_order(c, evs[0].id).await, ["a"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The generated capture code
 // ---------------------------------------------------------------------------------------------

@@ -440,8 +440,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
 -- Writing an event is one statement, inlined in the generated function with everything known at
 -- generation time as literals, its routes (handlers, order, starting status) included: insert the
 -- event, insert its deliveries, and ring the doorbell if a relay sleeps. The functions are
--- generated again when declarations change and, body only, when routes do (rebuild_routes). (A shared emit() function called per event cost ~90 us
--- an event: a function call, an IF chain, and three statements each started by the executor.)
+-- generated again when declarations change and, body only, when routes do (rebuild_routes). (A
+-- shared emit() function called per event cost ~90 us an event: a function call, an IF chain, and
+-- three statements each started by the executor.)
 --
 -- The generated functions are SECURITY DEFINER: application roles that change captured tables
 -- need no privileges on the provisioning schema, and cannot write events themselves (nor call the

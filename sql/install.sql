@@ -487,7 +487,12 @@ BEGIN
     BEGIN
         EXECUTE format('CREATE TRIGGER prov_condition_check AFTER %s ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION provisioning.condition_check()',
                        upper(p_operation), p_table, p_condition);
-    EXCEPTION WHEN others THEN
+    EXCEPTION WHEN lock_not_available OR query_canceled OR deadlock_detected THEN
+        -- the condition may be fine: the throwaway trigger needs a lock on the table
+        RAISE EXCEPTION 'event %: cannot check the condition on %: %', p_event, p_table, SQLERRM
+            USING ERRCODE = SQLSTATE,
+                  HINT = 'Checking a condition takes a SHARE ROW EXCLUSIVE lock on the table, which waits for its open write transactions; try again when they have finished.';
+    WHEN others THEN
         RAISE EXCEPTION 'event %: invalid condition on %: %', p_event, p_table, SQLERRM
             USING HINT = 'The condition must be a boolean SQL expression over old.<column> and new.<column> (old is not available for insert, new not for delete).';
     END;

@@ -1709,6 +1709,44 @@ async fn declaration_errors_name_the_event_and_the_problem() {
 }
 
 #[tokio::test]
+async fn a_declaration_that_cannot_lock_the_table_says_so() {
+    let db = vcs_db().await;
+    client_with_balance(&db.client, 1, "5").await;
+    // an application transaction with an uncommitted change of `clients`
+    let writer = db.connect().await;
+    writer
+        .batch_execute("BEGIN; UPDATE clients SET name = 'in flight' WHERE id = 1")
+        .await
+        .unwrap();
+    let dba = db.connect().await;
+    let err = dba
+        .batch_execute(
+            "SET lock_timeout = '200ms';
+             SELECT provisioning.declare_event('clients.rich', 'clients', 'update', 'new.balance > 1000', 'empty');",
+        )
+        .await
+        .expect_err("the condition check needs a lock the writer holds");
+    let db_err = err.as_db_error().expect("a database error");
+    let msg = db_err.message();
+    // not "invalid condition": the condition is fine, the table was busy
+    assert!(
+        msg.contains("clients.rich")
+            && msg.contains("cannot check the condition")
+            && msg.contains("lock timeout"),
+        "{msg}"
+    );
+    assert_eq!(db_err.code().code(), "55P03", "{msg}");
+    assert!(db_err.hint().is_some_and(|h| h.contains("try again")));
+    writer.batch_execute("COMMIT").await.unwrap();
+    dba.batch_execute(
+        "RESET lock_timeout;
+         SELECT provisioning.declare_event('clients.rich', 'clients', 'update', 'new.balance > 1000', 'empty');",
+    )
+    .await
+    .expect("the same declaration once the table is free");
+}
+
+#[tokio::test]
 async fn declarations_name_tables_the_same_way_whatever_the_search_path() {
     let db = vcs_db().await;
     let c = &db.client;

@@ -701,6 +701,10 @@ DECLARE
     v_fns     text[] := '{}';   -- each group's function name
     v_attrs   text[] := '{}';   -- each group's column numbers as pg_trigger.tgattr prints them
     v_collist text[] := '{}';   -- each group's quoted column list ('' = any column)
+    v_attr    text;
+    v_cols_q  text;
+    v_stale   text[];           -- capture triggers of an earlier generation that this one does not use
+    v_drop    text;
     v_return  text;
     e         record;
     t         record;
@@ -809,20 +813,22 @@ BEGIN
         END LOOP;
     END IF;
     FOR i IN 1 .. v_group LOOP
-        v_attrs := v_attrs || (SELECT coalesce(string_agg(a.attnum::text, ' ' ORDER BY a.attnum), '')
-                                 FROM pg_attribute a
-                                WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]));
-        v_collist := v_collist || (SELECT coalesce(string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum), '')
-                                     FROM pg_attribute a
-                                    WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]));
+        SELECT coalesce(string_agg(a.attnum::text, ' ' ORDER BY a.attnum), ''),
+               coalesce(string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum), '')
+          INTO v_attr, v_cols_q
+          FROM pg_attribute a
+         WHERE a.attrelid = v_table AND a.attname = ANY (nullif(v_gsets[i], '')::text[]);
+        v_attrs := v_attrs || v_attr;
+        v_collist := v_collist || v_cols_q;
     END LOOP;
+    v_stale := ARRAY(SELECT tg.tgname::text FROM pg_trigger tg
+                      WHERE tg.tgrelid = v_table AND NOT tg.tgisinternal
+                        AND (tg.tgname = v_trigger OR tg.tgname ~ ('^' || v_trigger || '_[0-9]+$'))
+                        AND NOT (tg.tgname = ANY (v_names)));
     -- A routing change rewrites function bodies only; trigger DDL (which locks the table) means the
     -- table changed in a way only a whole generation handles.
     IF p_routes_only AND (
-           EXISTS (SELECT 1 FROM pg_trigger tg
-                    WHERE tg.tgrelid = v_table AND NOT tg.tgisinternal
-                      AND (tg.tgname = v_trigger OR tg.tgname ~ ('^' || v_trigger || '_[0-9]+$'))
-                      AND NOT (tg.tgname = ANY (v_names)))
+           cardinality(v_stale) > 0
         OR EXISTS (SELECT 1 FROM unnest(v_names, v_attrs) AS g(name, attrs)
                     WHERE NOT EXISTS (SELECT 1 FROM pg_trigger tg
                                        WHERE tg.tgrelid = v_table AND tg.tgname = g.name
@@ -833,11 +839,8 @@ BEGIN
     -- Our own CREATE TRIGGER must not make the DDL event trigger regenerate this capture again.
     PERFORM set_config('provisioning.generating', 'on', true);
     -- Triggers and functions of an earlier generation that this one does not use.
-    FOR t IN SELECT tg.tgname FROM pg_trigger tg
-              WHERE tg.tgrelid = v_table AND NOT tg.tgisinternal
-                AND (tg.tgname = v_trigger OR tg.tgname ~ ('^' || v_trigger || '_[0-9]+$'))
-                AND NOT (tg.tgname = ANY (v_names)) LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, p_relation);
+    FOREACH v_drop IN ARRAY v_stale LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', v_drop, p_relation);
     END LOOP;
     FOR t IN SELECT proname FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace
                 AND (proname = v_fn OR proname LIKE v_fn || '\_g%') AND NOT (proname = ANY (v_fns)) LOOP

@@ -1708,16 +1708,22 @@ async fn declaration_errors_name_the_event_and_the_problem() {
     assert_eq!(evs[0].entity, "plain");
 }
 
-#[tokio::test]
-async fn a_declaration_that_cannot_lock_the_table_says_so() {
-    let db = vcs_db().await;
+/// Client 1 (balance 5) and an application transaction that has changed it and not committed: it
+/// holds the lock on `clients` that any trigger DDL there (checking a condition too) waits for.
+async fn writer_in_flight(db: &TestDb) -> Client {
     client_with_balance(&db.client, 1, "5").await;
-    // an application transaction with an uncommitted change of `clients`
     let writer = db.connect().await;
     writer
         .batch_execute("BEGIN; UPDATE clients SET name = 'in flight' WHERE id = 1")
         .await
         .unwrap();
+    writer
+}
+
+#[tokio::test]
+async fn a_declaration_that_cannot_lock_the_table_says_so() {
+    let db = vcs_db().await;
+    let writer = writer_in_flight(&db).await;
     let dba = db.connect().await;
     let err = dba
         .batch_execute(
@@ -2231,15 +2237,9 @@ async fn handler_writers_queue_for_the_routes_without_deadlocking() {
 async fn handler_changes_rewrite_capture_without_waiting_for_writers() {
     let db = vcs_db().await;
     let c = &db.client;
-    client_with_balance(c, 1, "5").await;
     // The capture functions carry their routes as literals and a handler change rewrites them.
-    // That must not lock the captured table: an application transaction that has changed a
-    // client and not yet committed holds a lock that any trigger DDL on `clients` would wait for.
-    let writer = db.connect().await;
-    writer
-        .batch_execute("BEGIN; UPDATE clients SET name = 'in flight' WHERE id = 1")
-        .await
-        .unwrap();
+    // That must not lock the captured table, which an uncommitted application change holds.
+    let writer = writer_in_flight(&db).await;
     let operator = db.connect().await;
     operator
         .batch_execute(

@@ -336,6 +336,13 @@ ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS compiled_condit
 -- '' = always. Kept so that a routing change can rewrite the capture functions without compiling
 -- the tests again (which takes a lock on the captured table).
 ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS compiled_test text;
+-- The column numbers of the key, the JSON column and the excluded columns, beside their names: an
+-- ALTER TABLE that renames one of them is followed (follow_column_renames), so capture keeps the
+-- same key, JSON column and exclusions under the new names. (NULL: not known, e.g. the table was
+-- renamed before this column existed.)
+ALTER TABLE provisioning.captures ADD COLUMN IF NOT EXISTS key_attnum int2;
+ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS json_attnum int2;
+ALTER TABLE provisioning.capture_events ADD COLUMN IF NOT EXISTS exclude_attnums int2[];
 CREATE INDEX IF NOT EXISTS events_changed_at ON provisioning.events USING brin (changed_at);
 
 -- The work queue. Succeeded deliveries are deleted (their record lives on in provisioning.attempts),
@@ -763,6 +770,16 @@ BEGIN
             END IF;
             v_test := nullif(e.compiled_test, '');
         ELSE
+            IF (provisioning.attnums(v_table, ARRAY[e.key_column]))[1] IS NULL THEN
+                RAISE EXCEPTION 'event %: key column % of % does not exist', e.event, quote_ident(e.key_column), p_relation
+                    USING HINT = format('Attach the table again with its key column: SELECT provisioning.attach(%L, %L, ''<key column>'');',
+                                        p_relation, e.entity);
+            END IF;
+            IF e.data_shape = 'json_keys' AND NOT EXISTS (
+                   SELECT 1 FROM pg_attribute WHERE attrelid = v_table AND attname = e.json_column AND attnum > 0
+                      AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype)) THEN
+                RAISE EXCEPTION 'event %: json column % is not a json/jsonb column of %', e.event, quote_ident(e.json_column), p_relation;
+            END IF;
             v_cond := e.compiled_condition;
             IF e.data_shape = 'changed' THEN
                 v_changed := provisioning.changed_comparison(v_table, e.exclude_columns);
@@ -896,6 +913,41 @@ BEGIN
 END
 $fn$;
 
+-- The column numbers of p_columns in p_table, in order (NULL for a name that is not a column).
+CREATE OR REPLACE FUNCTION provisioning.attnums(p_table regclass, p_columns text[]) RETURNS int2[]
+LANGUAGE sql STABLE AS $fn$
+    SELECT coalesce(array_agg(a.attnum ORDER BY x.ord), '{}')
+      FROM unnest(p_columns) WITH ORDINALITY x(name, ord)
+      LEFT JOIN pg_attribute a ON a.attrelid = p_table AND a.attname = x.name AND a.attnum > 0 AND NOT a.attisdropped
+$fn$;
+
+-- After an ALTER TABLE of a captured table: the key, JSON and excluded columns that were renamed
+-- take their new names (found by column number). A dropped one keeps its old name: generation then
+-- refuses a missing key or JSON column, and a missing excluded column no longer matters.
+CREATE OR REPLACE FUNCTION provisioning.follow_column_renames(p_table regclass) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE v_rel text := provisioning.relation_name(p_table);
+BEGIN
+    UPDATE provisioning.captures c SET key_column = a.attname
+      FROM pg_attribute a
+     WHERE c.relation = v_rel AND a.attrelid = p_table AND a.attnum = c.key_attnum AND NOT a.attisdropped
+       AND a.attname <> c.key_column;
+    UPDATE provisioning.capture_events e SET json_column = a.attname
+      FROM pg_attribute a
+     WHERE e.relation = v_rel AND a.attrelid = p_table AND a.attnum = e.json_attnum AND NOT a.attisdropped
+       AND a.attname <> e.json_column;
+    UPDATE provisioning.capture_events e
+       SET exclude_columns = (SELECT array_agg(coalesce(a.attname::text, x.name) ORDER BY x.ord)
+                                FROM unnest(e.exclude_columns, e.exclude_attnums) WITH ORDINALITY x(name, num, ord)
+                                LEFT JOIN pg_attribute a ON a.attrelid = p_table AND a.attnum = x.num AND NOT a.attisdropped)
+     WHERE e.relation = v_rel AND cardinality(e.exclude_columns) > 0
+       AND cardinality(e.exclude_attnums) = cardinality(e.exclude_columns)
+       AND EXISTS (SELECT 1 FROM unnest(e.exclude_columns, e.exclude_attnums) x(name, num)
+                     JOIN pg_attribute a ON a.attrelid = p_table AND a.attnum = x.num AND NOT a.attisdropped
+                    WHERE a.attname <> x.name);
+END
+$fn$;
+
 -- Attach capture to a table: names the entity (object kind) and the key column.
 CREATE OR REPLACE FUNCTION provisioning.attach(p_table regclass, p_entity text, p_key_column text DEFAULT 'id')
 RETURNS void LANGUAGE plpgsql AS $fn$
@@ -908,9 +960,10 @@ BEGIN
         RAISE EXCEPTION 'cannot attach capture to %: key column % does not exist', p_table, quote_ident(p_key_column);
     END IF;
     SELECT * INTO v_prev FROM provisioning.captures WHERE relation = provisioning.relation_name(p_table);
-    INSERT INTO provisioning.captures (relation, entity, key_column)
-    VALUES (provisioning.relation_name(p_table), p_entity, p_key_column)
-    ON CONFLICT (relation) DO UPDATE SET entity = EXCLUDED.entity, key_column = EXCLUDED.key_column;
+    INSERT INTO provisioning.captures (relation, entity, key_column, key_attnum)
+    VALUES (provisioning.relation_name(p_table), p_entity, p_key_column, (provisioning.attnums(p_table, ARRAY[p_key_column]))[1])
+    ON CONFLICT (relation) DO UPDATE SET entity = EXCLUDED.entity, key_column = EXCLUDED.key_column,
+                                         key_attnum = EXCLUDED.key_attnum;
     -- re-attached with another entity or key: the generated functions carry both as literals
     IF v_prev.relation IS NOT NULL AND (v_prev.entity, v_prev.key_column) IS DISTINCT FROM (p_entity, p_key_column) THEN
         PERFORM provisioning.refresh(p_table);
@@ -987,9 +1040,11 @@ BEGIN
                       (SELECT coalesce(max(position), 0) + 10 FROM provisioning.capture_events WHERE relation = c.relation));
 
     INSERT INTO provisioning.capture_events (event, relation, operation, condition, compiled_condition, data_shape,
-                                             json_column, exclude_columns, position, trigger_name)
+                                             json_column, exclude_columns, position, trigger_name,
+                                             json_attnum, exclude_attnums)
     VALUES (p_event, c.relation, p_operation, v_cond, v_compiled, p_data, p_json_column, coalesce(p_exclude, '{}'),
-            v_pos, 'prov_capture_' || p_operation);
+            v_pos, 'prov_capture_' || p_operation,
+            (provisioning.attnums(p_table, ARRAY[p_json_column]))[1], provisioning.attnums(p_table, coalesce(p_exclude, '{}')));
     PERFORM provisioning.generate_capture(c.relation, p_operation);
     IF v_old.relation IS NOT NULL AND v_old.relation <> c.relation THEN
         PERFORM provisioning.generate_capture(v_old.relation, p_operation);
@@ -1222,7 +1277,8 @@ $fn$;
 
 -- Regenerate a captured table's capture when a trigger is created on it (a BEFORE UPDATE trigger
 -- may change columns that column-specific capture triggers would not see: see
--- column_triggers_safe) or the table is altered (new columns join the "changed" comparison).
+-- column_triggers_safe) or the table is altered (new columns join the "changed" comparison; a
+-- renamed key, JSON or excluded column is followed; a change that breaks a condition is refused).
 -- Runs as the installer (a superuser): the role issuing the DDL needs no rights on this schema.
 CREATE OR REPLACE FUNCTION provisioning.refresh_on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1247,6 +1303,9 @@ BEGIN
         FOR v_rel IN SELECT r FROM (SELECT v_table::regclass AS r UNION SELECT relid FROM pg_partition_ancestors(v_table)) x
                       WHERE EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = provisioning.relation_name(x.r)) LOOP
             BEGIN
+                IF c.command_tag = 'ALTER TABLE' THEN
+                    PERFORM provisioning.follow_column_renames(v_rel);
+                END IF;
                 PERFORM provisioning.refresh(v_rel);
             EXCEPTION WHEN OTHERS THEN
                 IF c.command_tag = 'CREATE TRIGGER' THEN
@@ -1254,8 +1313,13 @@ BEGIN
                     RAISE EXCEPTION 'provisioning: cannot regenerate the capture of % for the new trigger: %', v_rel, SQLERRM
                         USING HINT = 'Fix the event declarations of the table (provisioning.capture_events), then create the trigger again.';
                 END IF;
-                RAISE WARNING 'provisioning: cannot regenerate the capture of % after ALTER TABLE: %', v_rel, SQLERRM
-                    USING HINT = format('Fix its event declarations, then run SELECT provisioning.refresh(%L);', v_rel::text);
+                -- A change the capture cannot follow (a column that a condition, the key or a data
+                -- shape uses was renamed, dropped or retyped) is refused: allowed, it would leave
+                -- triggers that fail every write of the application to the table.
+                RAISE EXCEPTION 'provisioning: this ALTER TABLE would break the capture of %: %', v_rel, SQLERRM
+                    USING HINT = 'Drop or redeclare the events that use what you are changing (provisioning.drop_event, '
+                                 'provisioning.declare_event), attach the table with another key column (provisioning.attach) '
+                                 'or detach it (provisioning.detach), then run the ALTER TABLE again.';
             END;
         END LOOP;
     END LOOP;
@@ -1278,6 +1342,17 @@ $event_trigger$;
 
 -- Routes and generated capture functions are derived data: rebuild them from the declarations, so
 -- that running this file again (or a newer one) brings existing captures up to its code.
+-- Column numbers of captures declared before they were stored (idempotent).
+UPDATE provisioning.captures
+   SET key_attnum = (provisioning.attnums(to_regclass(relation), ARRAY[key_column]))[1]
+ WHERE key_attnum IS NULL AND to_regclass(relation) IS NOT NULL;
+UPDATE provisioning.capture_events
+   SET json_attnum = (provisioning.attnums(to_regclass(relation), ARRAY[json_column]))[1]
+ WHERE json_attnum IS NULL AND json_column IS NOT NULL AND to_regclass(relation) IS NOT NULL;
+UPDATE provisioning.capture_events
+   SET exclude_attnums = provisioning.attnums(to_regclass(relation), exclude_columns)
+ WHERE exclude_attnums IS NULL AND to_regclass(relation) IS NOT NULL;
+
 DO $regenerate$
 DECLARE r record;
 BEGIN

@@ -2882,6 +2882,160 @@ async fn a_column_added_to_a_captured_table_is_captured_at_once() {
     );
 }
 
+/// `ddl` must fail with a message holding every one of `message` and a hint holding `hint`.
+async fn assert_alter_refused(c: &Client, ddl: &str, message: &[&str], hint: &str) {
+    let err = c.batch_execute(ddl).await.expect_err(ddl);
+    let e = err.as_db_error().expect("a database error");
+    assert!(
+        message.iter().all(|m| e.message().contains(m)),
+        "{ddl}: {}",
+        e.message()
+    );
+    assert!(
+        e.hint().unwrap_or("").contains(hint),
+        "{ddl}: {:?}",
+        e.hint()
+    );
+}
+
+/// An ALTER TABLE that the capture cannot follow (a column a condition reads renamed or retyped)
+/// is refused and rolled back: allowed, it would leave capture triggers that fail every write of
+/// the application to the table.
+#[tokio::test]
+async fn an_alter_table_the_capture_cannot_follow_is_refused() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    for (ddl, event) in [
+        (
+            "ALTER TABLE clients RENAME COLUMN balance TO bal",
+            "clients.balance_zero",
+        ),
+        (
+            "ALTER TABLE clients RENAME COLUMN status TO state",
+            "clients.update",
+        ),
+    ] {
+        assert_alter_refused(
+            c,
+            ddl,
+            &[
+                "this ALTER TABLE would break the capture of public.clients",
+                event,
+            ],
+            "provisioning.drop_event",
+        )
+        .await;
+    }
+    // nothing was renamed, and the application's writes are captured as before
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'clients'::regclass AND attname IN ('balance', 'status')"
+        )
+        .await,
+        2
+    );
+    let evs = change(c, "UPDATE clients SET balance = -1 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.balance_zero"]);
+    // without the events that read it, the column can be renamed
+    c.batch_execute(
+        "SELECT provisioning.drop_event('clients.balance_zero');
+         SELECT provisioning.drop_event('clients.balance_notzero');
+         ALTER TABLE clients RENAME COLUMN balance TO bal",
+    )
+    .await
+    .unwrap();
+    let evs = change(c, "UPDATE clients SET bal = 3, name = 'n' WHERE id = 1").await;
+    assert_events(
+        &evs,
+        &[("clients.update", json!(1), json!({"id": 1, "name": "n"}))],
+    );
+}
+
+/// Renaming the key column, the JSON column of a json_keys event or an excluded column is
+/// followed: the same object ids, the same reported keys and the same exclusions, under the new
+/// names. Dropping the key column is refused.
+#[tokio::test]
+async fn renamed_key_json_and_excluded_columns_are_followed() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    c.batch_execute(
+        "CREATE TABLE devices (id bigint PRIMARY KEY, name text, settings jsonb NOT NULL DEFAULT '{}', seen_at timestamptz);
+         SELECT provisioning.attach('devices', 'devices', 'id');
+         SELECT provisioning.declare_event('devices.update', 'devices', 'update', NULL, 'changed', ARRAY['seen_at', 'settings']);
+         SELECT provisioning.declare_event('devices.settings.update', 'devices', 'update', NULL, 'json_keys', p_json_column => 'settings');
+         INSERT INTO devices VALUES (7, 'a', '{}', now());
+         ALTER TABLE devices RENAME COLUMN id TO device_no;
+         ALTER TABLE devices RENAME COLUMN settings TO config;
+         ALTER TABLE devices RENAME COLUMN seen_at TO last_seen;",
+    )
+    .await
+    .unwrap();
+    // the excluded column (renamed) still fires no devices.update; the json_keys event, declared
+    // without a condition, fires on every update and reports no changed key
+    let evs = change(
+        c,
+        "UPDATE devices SET last_seen = now() WHERE device_no = 7",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "devices.settings.update",
+            json!(7),
+            json!({"device_no": 7, "config": {}}),
+        )],
+    );
+    let evs = change(
+        c,
+        "UPDATE devices SET config = '{\"speed\": 2}' WHERE device_no = 7",
+    )
+    .await;
+    assert_events(
+        &evs,
+        &[(
+            "devices.settings.update",
+            json!(7),
+            json!({"device_no": 7, "config": {"speed": 2}}),
+        )],
+    );
+    let evs = change(c, "UPDATE devices SET name = 'b' WHERE device_no = 7").await;
+    assert_events(
+        &evs,
+        &[
+            (
+                "devices.update",
+                json!(7),
+                json!({"device_no": 7, "name": "b"}),
+            ),
+            (
+                "devices.settings.update",
+                json!(7),
+                json!({"device_no": 7, "config": {}}),
+            ),
+        ],
+    );
+    // the key's new name is what before-stage write-backs use too
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM provisioning.captures WHERE relation = 'public.devices' AND key_column = 'device_no'"
+        )
+        .await,
+        1
+    );
+    assert_alter_refused(
+        c,
+        "ALTER TABLE devices DROP COLUMN device_no CASCADE",
+        &["key column device_no of public.devices does not exist"],
+        "provisioning.attach",
+    )
+    .await;
+    let evs = change(c, "UPDATE devices SET name = 'c' WHERE device_no = 7").await;
+    assert_eq!(names(&evs), ["devices.update", "devices.settings.update"]);
+}
+
 /// A BEFORE trigger on one partition of a captured partitioned table counts too.
 #[tokio::test]
 async fn a_before_trigger_on_a_partition_has_its_changes_captured() {

@@ -1275,6 +1275,66 @@ BEGIN
 END
 $fn$;
 
+-- Captured tables renamed (ALTER TABLE ... RENAME / SET SCHEMA, ALTER SCHEMA ... RENAME) since
+-- their capture was generated: move their declarations to the new name and generate their capture
+-- under it (the old functions go, with the triggers that ran them, in the same transaction: no
+-- change goes uncaptured). A renamed table is found by its triggers, which still run the functions
+-- named after the old name. Events waiting for a before-stage decision get the new name too, so
+-- that the decision is applied to the table. Returns how many tables were followed.
+CREATE OR REPLACE FUNCTION provisioning.follow_table_renames() RETURNS int
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    c       provisioning.captures;
+    v_table regclass;
+    v_new   text;
+    v_ops   text[] := ARRAY['insert', 'update', 'delete'];
+    v_op    text;
+    v_fn    record;
+    v_trg   record;
+    v_moved int := 0;
+BEGIN
+    FOR c IN SELECT * FROM provisioning.captures WHERE to_regclass(relation) IS NULL ORDER BY relation LOOP
+        SELECT t.tgrelid::regclass INTO v_table
+          FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+         WHERE p.pronamespace = 'provisioning'::regnamespace AND t.tgparentid = 0
+           AND t.tgname LIKE 'prov\_capture\_%'
+           AND (p.proname IN (SELECT provisioning.capture_function(c.relation, o) FROM unnest(v_ops) o)
+                OR p.proname LIKE provisioning.capture_function(c.relation, 'update') || '\_g%')
+         LIMIT 1;
+        CONTINUE WHEN v_table IS NULL;  -- dropped, or its capture triggers are gone: nothing to follow
+        v_new := provisioning.relation_name(v_table);
+        IF EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = v_new) THEN
+            RAISE WARNING 'provisioning: % was renamed to %, which has a capture of its own; the old declarations stay under %', c.relation, v_new, c.relation
+                USING HINT = format('Detach one of them: SELECT provisioning.detach(%L);', v_new);
+            CONTINUE;
+        END IF;
+        INSERT INTO provisioning.captures (relation, entity, key_column, key_attnum, created_at)
+        VALUES (v_new, c.entity, c.key_column, c.key_attnum, c.created_at);
+        UPDATE provisioning.capture_events SET relation = v_new WHERE relation = c.relation;
+        DELETE FROM provisioning.captures WHERE relation = c.relation;
+        UPDATE provisioning.events SET relation = v_new
+         WHERE relation = c.relation
+           AND id IN (SELECT event_id FROM provisioning.deliveries
+                       WHERE stage = 'before' AND status IN ('waiting', 'pending', 'running'));
+        FOR v_fn IN SELECT oid, proname FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace
+                       AND (proname IN (SELECT provisioning.capture_function(c.relation, o) FROM unnest(v_ops) o)
+                            OR proname LIKE provisioning.capture_function(c.relation, 'update') || '\_g%') LOOP
+            FOR v_trg IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
+                          WHERE tgfoid = v_fn.oid AND tgparentid = 0 LOOP
+                EXECUTE format('DROP TRIGGER %I ON %s', v_trg.tgname, v_trg.rel);
+            END LOOP;
+            EXECUTE format('DROP FUNCTION provisioning.%I()', v_fn.proname);
+        END LOOP;
+        FOREACH v_op IN ARRAY v_ops LOOP
+            PERFORM provisioning.generate_capture(v_new, v_op);
+        END LOOP;
+        RAISE NOTICE 'provisioning: the capture of % follows it to its new name %', c.relation, v_new;
+        v_moved := v_moved + 1;
+    END LOOP;
+    RETURN v_moved;
+END
+$fn$;
+
 -- Regenerate a captured table's capture when a trigger is created on it (a BEFORE UPDATE trigger
 -- may change columns that column-specific capture triggers would not see: see
 -- column_triggers_safe) or the table is altered (new columns join the "changed" comparison; a
@@ -1289,6 +1349,9 @@ DECLARE
 BEGIN
     IF current_setting('provisioning.generating', true) = 'on' THEN
         RETURN;  -- generate_capture() creating its own triggers
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() WHERE command_tag IN ('ALTER TABLE', 'ALTER SCHEMA')) THEN
+        PERFORM provisioning.follow_table_renames();
     END IF;
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         v_table := NULL;
@@ -1331,10 +1394,17 @@ REVOKE ALL ON FUNCTION provisioning.refresh_on_ddl() FROM PUBLIC;
 -- every UPDATE (column_triggers_safe() is false) and ALTER TABLE needs a manual refresh().
 DO $event_trigger$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl')
-       AND (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RETURN;
+    END IF;
+    -- an earlier version's trigger did not fire on ALTER SCHEMA (renamed schemas are followed now)
+    IF EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl'
+                  AND NOT evttags @> ARRAY['ALTER SCHEMA']) THEN
+        DROP EVENT TRIGGER provisioning_refresh_on_ddl;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl') THEN
         CREATE EVENT TRIGGER provisioning_refresh_on_ddl ON ddl_command_end
-            WHEN TAG IN ('CREATE TRIGGER', 'ALTER TABLE')
+            WHEN TAG IN ('CREATE TRIGGER', 'ALTER TABLE', 'ALTER SCHEMA')
             EXECUTE FUNCTION provisioning.refresh_on_ddl();
     END IF;
 END

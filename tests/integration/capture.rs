@@ -2294,13 +2294,16 @@ async fn handler_changes_rewrite_capture_without_waiting_for_writers() {
     assert_eq!(delivery_order(c, evs[0].id).await, Vec::<String>::new());
 }
 
+/// Without the DDL event trigger (an install by a non-superuser), a renamed table is not
+/// followed: it keeps capturing under its old name with the routes it had.
 #[tokio::test]
 async fn a_routing_change_leaves_a_renamed_tables_capture_running() {
     let db = vcs_db().await;
     let c = &db.client;
     client_with_balance(c, 1, "5").await;
     c.batch_execute(
-        "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('a', '{clients.*}', 'http', 'http://127.0.0.1:9/a');
+        "ALTER EVENT TRIGGER provisioning_refresh_on_ddl DISABLE;
+         INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('a', '{clients.*}', 'http', 'http://127.0.0.1:9/a');
          ALTER TABLE clients RENAME TO customers;
          INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('b', '{clients.*}', 'http', 'http://127.0.0.1:9/b');",
     )
@@ -2314,6 +2317,77 @@ async fn a_routing_change_leaves_a_renamed_tables_capture_running() {
     .await;
     assert_eq!(names(&evs), ["clients.update"]);
     assert_eq!(delivery_order(c, evs[0].id).await, ["a"]);
+}
+
+/// A captured table renamed, moved to another schema, or whose schema is renamed, keeps its
+/// capture under the new name: its declarations move, its routes follow handler changes, its events
+/// name it, and an event still waiting for a before-stage decision is applied to it.
+#[tokio::test]
+async fn a_renamed_table_or_schema_keeps_its_capture_under_the_new_name() {
+    let db = vcs_db().await;
+    let c = &db.client;
+    client_with_balance(c, 1, "5").await;
+    c.batch_execute(
+        "INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('a', '{clients.*}', 'http', 'http://127.0.0.1:9/a');
+         ALTER TABLE clients RENAME TO customers;
+         INSERT INTO provisioning.handlers (name, events, kind, target) VALUES ('b', '{clients.update}', 'http', 'http://127.0.0.1:9/b');",
+    )
+    .await
+    .unwrap();
+    let evs = change(c, "UPDATE customers SET name = 'renamed' WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    assert_eq!(evs[0].relation, "public.customers");
+    assert_eq!(delivery_order(c, evs[0].id).await, ["a", "b"]);
+
+    // an event held by a before-stage handler, then the table moves to another schema
+    c.batch_execute(
+        "INSERT INTO provisioning.handlers (name, events, kind, target, stage) VALUES ('gate', '{clients.update}', 'http', 'http://127.0.0.1:9/g', 'before');",
+    )
+    .await
+    .unwrap();
+    let held = change(c, "UPDATE customers SET name = 'held' WHERE id = 1").await;
+    c.batch_execute(
+        "CREATE SCHEMA billing;
+         ALTER TABLE customers SET SCHEMA billing;
+         ALTER SCHEMA billing RENAME TO crm;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(c, &format!("SELECT count(*) FROM provisioning.events WHERE id = {} AND relation = 'crm.customers'", held[0].id)).await,
+        1,
+        "the held event names the table where its decision will be applied"
+    );
+    assert_eq!(
+        count(c, &format!("SELECT count(*) FROM provisioning.events WHERE id = {} AND relation = 'public.customers'", evs[0].id)).await,
+        1,
+        "finished events keep the name they were captured under"
+    );
+    let evs = change(c, "UPDATE crm.customers SET balance = -1 WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.balance_zero"]);
+    assert_eq!(evs[0].relation, "crm.customers");
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM provisioning.captures WHERE relation IN ('crm.customers', 'public.accounts', 'public.client_packages')"
+        )
+        .await,
+        3
+    );
+    // the functions generated for the old names are gone; the new ones run the table's triggers
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'provisioning'::regnamespace AND proname ~ '^capture_(insert|update|delete)_(clients|customers)_'"
+        )
+        .await,
+        count(
+            c,
+            "SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+              WHERE t.tgrelid = 'crm.customers'::regclass AND p.proname ~ '^capture_(insert|update|delete)_customers_'"
+        )
+        .await,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

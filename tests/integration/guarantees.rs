@@ -1949,15 +1949,15 @@ async fn four_delivered_once(
 
 #[tokio::test]
 async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
-    // A relay claims up to twice a handler's in-flight limit; the extra deliveries wait in the
-    // relay for a slot, already leased. With one slot and every answer taking 1.2 s of a 1.5 s
-    // timeout, the waiting delivery starts ~1.2 s after its claim and ends ~2.4 s after it: a
-    // lease of one timeout + margin (1.7 s) would run out mid-attempt and be recovered as a
+    // A relay claims up to three times a handler's in-flight limit; the extra deliveries wait in
+    // the relay for a slot, already leased. With one slot and every answer taking 1.2 s of a 1.5 s
+    // timeout, the second waiting delivery starts ~2.4 s after its claim and ends ~3.6 s after
+    // it: a lease of one timeout + margin (1.7 s) would run out mid-attempt and be recovered as a
     // failed attempt and sent again. Its lease must cover the wait.
     let settings = "max_in_flight = 1, timeout_ms = 1500";
     let (db, rx, hid, relay) =
         four_slow_deliveries("/w", Duration::from_millis(1200), settings, "200", 2).await;
-    // Every claim here is partly one that waits: leased for two timeouts + the margin.
+    // Every claim here ends two deep in the queue: leased for three timeouts + the margin.
     let leases: Vec<f64> = column(
         &db.client,
         "SELECT extract(epoch FROM lease_expires_at - updated_at)::float8 * 1000
@@ -1965,7 +1965,7 @@ async fn a_delivery_waiting_for_a_slot_keeps_its_lease() {
     )
     .await;
     assert!(
-        !leases.is_empty() && leases.iter().all(|ms| *ms == 3200.0),
+        !leases.is_empty() && leases.iter().all(|ms| *ms == 4700.0),
         "leases in ms of the claimed deliveries: {leases:?}"
     );
     four_delivered_once(&db, &rx, "/w", hid, relay).await;

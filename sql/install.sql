@@ -1339,6 +1339,7 @@ $fn$;
 -- may change columns that column-specific capture triggers would not see: see
 -- column_triggers_safe) or the table is altered (new columns join the "changed" comparison; a
 -- renamed key, JSON or excluded column is followed; a change that breaks a condition is refused).
+-- A renamed or moved table, or a renamed schema, is followed first (follow_table_renames).
 -- Runs as the installer (a superuser): the role issuing the DDL needs no rights on this schema.
 CREATE OR REPLACE FUNCTION provisioning.refresh_on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1376,8 +1377,8 @@ BEGIN
                     RAISE EXCEPTION 'provisioning: cannot regenerate the capture of % for the new trigger: %', v_rel, SQLERRM
                         USING HINT = 'Fix the event declarations of the table (provisioning.capture_events), then create the trigger again.';
                 END IF;
-                -- A change the capture cannot follow (a column that a condition, the key or a data
-                -- shape uses was renamed, dropped or retyped) is refused: allowed, it would leave
+                -- A change the capture cannot follow (a column a condition reads renamed, dropped or
+                -- retyped; the key or a JSON column dropped) is refused: allowed, it would leave
                 -- triggers that fail every write of the application to the table.
                 RAISE EXCEPTION 'provisioning: this ALTER TABLE would break the capture of %: %', v_rel, SQLERRM
                     USING HINT = 'Drop or redeclare the events that use what you are changing (provisioning.drop_event, '
@@ -1391,7 +1392,8 @@ $fn$;
 REVOKE ALL ON FUNCTION provisioning.refresh_on_ddl() FROM PUBLIC;
 
 -- Event triggers need a superuser. Without one, update captures keep a single trigger that fires on
--- every UPDATE (column_triggers_safe() is false) and ALTER TABLE needs a manual refresh().
+-- every UPDATE (column_triggers_safe() is false), ALTER TABLE needs a manual refresh(), and renamed
+-- tables and columns are not followed.
 DO $event_trigger$
 BEGIN
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
@@ -1410,8 +1412,6 @@ BEGIN
 END
 $event_trigger$;
 
--- Routes and generated capture functions are derived data: rebuild them from the declarations, so
--- that running this file again (or a newer one) brings existing captures up to its code.
 -- Column numbers of captures declared before they were stored (idempotent).
 UPDATE provisioning.captures
    SET key_attnum = (provisioning.attnums(to_regclass(relation), ARRAY[key_column]))[1]
@@ -1423,6 +1423,8 @@ UPDATE provisioning.capture_events
    SET exclude_attnums = provisioning.attnums(to_regclass(relation), exclude_columns)
  WHERE exclude_attnums IS NULL AND to_regclass(relation) IS NOT NULL;
 
+-- Routes and generated capture functions are derived data: rebuild them from the declarations, so
+-- that running this file again (or a newer one) brings existing captures up to its code.
 DO $regenerate$
 DECLARE r record;
 BEGIN

@@ -87,10 +87,10 @@ impl Default for WorkerOptions {
 /// `max_in_flight`. They cover the claim's round trip: while a claim is on its way, finishing
 /// attempts start waiting ones instead of leaving their slots empty. On a loaded 2-core machine a
 /// claim of ~130 deliveries took ~10 ms, as long as 128 slots of a fast receiver took to empty, so
-/// one multiple left the slots idle at the end of every claim (bench drain, alternating runs of
-/// the same build with 1 / 2 / 3 multiples: +5 % to +23 % with 2 or 3, depending on the load; no
-/// loss when the machine was quiet). Each multiple lengthens the lease of the last waiting
-/// deliveries by one handler timeout (see `plan_claims`).
+/// one multiple left the slots idle at the end of every claim. Bench drain, alternating runs
+/// against one multiple: with three, +23 % while the machine was loaded (9,844 -> 12,098
+/// events/s); with two, +5 % and +6 % in quieter periods, where three did no better. Each multiple
+/// lengthens the lease of the last waiting deliveries by one handler timeout (see `plan_claims`).
 const WAITING_MULTIPLE: usize = 2;
 
 /// One handler's claimed deliveries in this process: at most `max_in_flight` attempts run at once;

@@ -721,7 +721,7 @@ BEGIN
         -- Renamed (or dropped) since it was attached: a renamed table's triggers still run these
         -- functions, so keep them (with the routes they have) rather than stop its capture.
         RAISE WARNING 'provisioning: captured table % no longer exists under that name; its capture keeps the handlers it had', p_relation
-            USING HINT = 'If it was renamed, attach the new name (provisioning.attach, declare_event) and detach the old one.';
+            USING HINT = 'If it was renamed, SELECT provisioning.follow_table_renames(); moves its capture to the new name.';
         RETURN;
     END IF;
     IF v_table IS NULL THEN
@@ -1422,6 +1422,11 @@ UPDATE provisioning.capture_events
 UPDATE provisioning.capture_events
    SET exclude_attnums = provisioning.attnums(to_regclass(relation), exclude_columns)
  WHERE exclude_attnums IS NULL AND to_regclass(relation) IS NOT NULL;
+
+-- Captured tables renamed while nothing followed them (before this version, or without the event
+-- trigger): move them to their new names first, or the regeneration below would find no table
+-- under the old name and drop their capture.
+SELECT provisioning.follow_table_renames();
 
 -- Routes and generated capture functions are derived data: rebuild them from the declarations, so
 -- that running this file again (or a newer one) brings existing captures up to its code.

@@ -2295,7 +2295,7 @@ async fn handler_changes_rewrite_capture_without_waiting_for_writers() {
 }
 
 /// Without the DDL event trigger (an install by a non-superuser), a renamed table is not
-/// followed: it keeps capturing under its old name with the routes it had.
+/// followed: it keeps capturing under its old name with the routes it had, until the next install.
 #[tokio::test]
 async fn a_routing_change_leaves_a_renamed_tables_capture_running() {
     let db = vcs_db().await;
@@ -2317,6 +2317,14 @@ async fn a_routing_change_leaves_a_renamed_tables_capture_running() {
     .await;
     assert_eq!(names(&evs), ["clients.update"]);
     assert_eq!(delivery_order(c, evs[0].id).await, ["a"]);
+    // installing (again, or a newer version) follows the rename that nothing followed: the
+    // capture moves to the new name with today's routes instead of being dropped as the capture
+    // of a table that no longer exists
+    relay::schema::migrate(c).await.expect("migrate again");
+    let evs = change(c, "UPDATE customers SET name = 'followed' WHERE id = 1").await;
+    assert_eq!(names(&evs), ["clients.update"]);
+    assert_eq!(evs[0].relation, "public.customers");
+    assert_eq!(delivery_order(c, evs[0].id).await, ["a", "b"]);
 }
 
 /// A captured table renamed, moved to another schema, or whose schema is renamed, keeps its

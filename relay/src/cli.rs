@@ -560,6 +560,20 @@ pub fn render_table(table: Table, value: &Value) -> String {
                 value["oldest_pending_age_s"].as_f64().map_or("-".to_string(), |s| format!("{s}s")),
                 value["relays_alive"], value["events_captured"]
             );
+            // Problems come first: they mean events are silently not captured.
+            let problems = value["capture_problems"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let head = if problems.is_empty() {
+                head
+            } else {
+                let list: String = problems
+                    .iter()
+                    .map(|p| format!("  - {}\n", p.as_str().unwrap_or_default()))
+                    .collect();
+                format!("capture problems:\n{list}\n{head}")
+            };
             (
                 value["handlers"].as_array().cloned().unwrap_or_default(),
                 head,

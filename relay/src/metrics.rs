@@ -61,6 +61,10 @@ pub fn describe() {
     );
     describe_gauge!("provisioning_dead", "Dead deliveries per handler");
     describe_gauge!(
+        "provisioning_capture_problems",
+        "Problems that keep declared events from being captured (relay status lists them)"
+    );
+    describe_gauge!(
         "provisioning_server_commits_per_second",
         "Transactions per second on the whole server besides this relay's (pacing)"
     );
@@ -111,5 +115,16 @@ pub async fn sample(
         .await?
         .get(0);
     metrics::counter!("provisioning_events_captured_total").absolute(max as u64);
+    let problems: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM ({}) problems(p)",
+                crate::ops::queries::CAPTURE_PROBLEMS
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    metrics::gauge!("provisioning_capture_problems").set(problems as f64);
     Ok(())
 }

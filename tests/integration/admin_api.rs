@@ -1256,11 +1256,16 @@ async fn metrics_move_as_deliveries_happen() {
         "provisioning_oldest_pending_age_seconds",
         &ok_name
     ));
-    // One process-wide value (the last database sampled): present, not compared here.
-    assert!(after
-        .samples
-        .iter()
-        .any(|s| s.metric == "provisioning_events_captured_total"));
+    // Process-wide values (the last database sampled): present, not compared here.
+    for metric in [
+        "provisioning_events_captured_total",
+        "provisioning_capture_problems",
+    ] {
+        assert!(
+            after.samples.iter().any(|s| s.metric == metric),
+            "{metric} missing"
+        );
+    }
     assert!(
         after.docs.contains_key("provisioning_deliveries_total"),
         "described"

@@ -1389,6 +1389,84 @@ async fn cli_replay_dead_success_fail_and_all_with_dry_run_and_time_range() {
     );
 }
 
+/// `relay status` says what keeps declared events from being captured, each problem with the
+/// command that mends it, and running those commands clears them.
+#[tokio::test]
+async fn cli_status_reports_capture_problems_with_the_command_that_mends_each() {
+    let db = TestDb::vcs().await;
+    let problems = |v: &Value| -> Vec<String> {
+        v["capture_problems"]
+            .as_array()
+            .expect("capture_problems")
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        problems(&cli_json(&db, &["status"]).await),
+        Vec::<String>::new()
+    );
+
+    db.client
+        .batch_execute(
+            "DROP TABLE client_packages;
+             DROP TRIGGER prov_capture_insert ON accounts;
+             ALTER EVENT TRIGGER provisioning_refresh_on_ddl DISABLE;",
+        )
+        .await
+        .unwrap();
+    let found = problems(&cli_json(&db, &["status"]).await);
+    assert_eq!(found.len(), 3, "{found:#?}");
+    let mend = |what: &str, from: &str| -> String {
+        let p = found
+            .iter()
+            .find(|p| p.contains(what))
+            .unwrap_or_else(|| panic!("no problem about {what}: {found:#?}"));
+        p[p.find(from).unwrap_or_else(|| panic!("{p}"))..].to_string()
+    };
+    let forget = mend(
+        "captured table public.client_packages no longer exists",
+        "SELECT provisioning.drop_event",
+    );
+    let refresh = mend(
+        "table public.accounts has insert events declared but no insert capture trigger",
+        "SELECT provisioning.refresh",
+    );
+    let enable = mend(
+        "provisioning_refresh_on_ddl is missing or disabled",
+        "ALTER EVENT TRIGGER",
+    );
+    let table = relay_cli(&db, &["status"], &[]).await;
+    assert!(table.success, "{}", table.stderr);
+    assert!(
+        table.stdout.starts_with("capture problems:\n  - ") && table.stdout.contains(&refresh),
+        "{}",
+        table.stdout
+    );
+
+    let inserts = "SELECT count(*) FROM provisioning.events WHERE name = 'clients.accounts.create'";
+    db.client
+        .batch_execute("INSERT INTO clients (id, name) VALUES (1, 'c'); INSERT INTO accounts (client_id, login) VALUES (1, 'a')")
+        .await
+        .unwrap();
+    assert_eq!(count(&db.client, inserts).await, 0, "the problem is real");
+    for sql in [&forget, &refresh, &enable] {
+        db.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    assert_eq!(
+        problems(&cli_json(&db, &["status"]).await),
+        Vec::<String>::new()
+    );
+    db.client
+        .batch_execute("INSERT INTO accounts (client_id, login) VALUES (1, 'b')")
+        .await
+        .unwrap();
+    assert_eq!(count(&db.client, inserts).await, 1, "mended");
+}
+
 #[tokio::test]
 async fn cli_status_summarises_backlog_and_dead_and_prune_removes_old_work() {
     let db = TestDb::vcs().await;

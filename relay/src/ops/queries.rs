@@ -419,10 +419,44 @@ pub async fn replay(client: &impl GenericClient, r: &ReplayRequest) -> Result<Va
     Ok(json!({"handler": r.handler, "status": status, "dry_run": r.dry_run, "deliveries": count}))
 }
 
-/// Backlog and oldest pending age per handler, dead counts, live relays.
+/// What keeps declared events from being captured, one row per problem (column `p`), each ending
+/// with the command that mends it: declarations whose table is gone, an operation whose capture
+/// trigger was dropped by hand, and the DDL event trigger missing or disabled.
+pub const CAPTURE_PROBLEMS: &str = "
+                   -- declarations whose table is gone: they capture nothing
+                   SELECT format('captured table %s no longer exists (dropped, or renamed while nothing followed it): its events %s capture nothing; '
+                                 'if it was renamed, SELECT provisioning.follow_table_renames(); if it was dropped, SELECT provisioning.drop_event(event) '
+                                 'FROM (SELECT DISTINCT event FROM provisioning.capture_events WHERE relation = %L) e', c.relation,
+                                 (SELECT string_agg(DISTINCT e.event, ', ') FROM provisioning.capture_events e WHERE e.relation = c.relation),
+                                 c.relation) AS p
+                     FROM provisioning.captures c
+                    WHERE to_regclass(c.relation) IS NULL
+                      AND EXISTS (SELECT 1 FROM provisioning.capture_events e WHERE e.relation = c.relation)
+                   UNION ALL
+                   -- an operation with declared events but no capture trigger on the table (dropped by hand)
+                   SELECT format('table %s has %s events declared but no %s capture trigger: they capture nothing; '
+                                 'generate it again with SELECT provisioning.refresh(%L)', e.relation, e.operation, e.operation, e.relation)
+                     FROM (SELECT DISTINCT relation, operation FROM provisioning.capture_events) e
+                    WHERE to_regclass(e.relation) IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_proc f ON f.oid = t.tgfoid
+                                       WHERE t.tgrelid = to_regclass(e.relation) AND t.tgenabled <> 'D'
+                                         AND f.pronamespace = 'provisioning'::regnamespace
+                                         AND t.tgname LIKE 'prov\\_capture\\_' || e.operation || '%')
+                   UNION ALL
+                   -- without the DDL event trigger nothing follows ALTER TABLE
+                   SELECT 'the event trigger provisioning_refresh_on_ddl is missing or disabled: ALTER TABLE of a captured table '
+                          'is not followed (a renamed column a condition reads breaks the table''s writes), and update capture '
+                          'fires on every UPDATE; run install.sql as a superuser, or ALTER EVENT TRIGGER provisioning_refresh_on_ddl ENABLE'
+                    WHERE EXISTS (SELECT 1 FROM provisioning.captures)
+                      AND NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'provisioning_refresh_on_ddl' AND evtenabled <> 'D')
+";
+
+/// Backlog and oldest pending age per handler, dead counts, live relays, and what keeps declared
+/// events from being captured (`capture_problems`: each says what to run).
 pub async fn status(client: &impl GenericClient) -> Result<Value, OpsError> {
     let row = client
         .query_one(
+            &format!(
             "SELECT jsonb_build_object(
                'schema_version', (SELECT max(version) FROM provisioning.schema_version),
                'events_captured', (SELECT coalesce(max(id), 0) FROM provisioning.events),
@@ -443,7 +477,8 @@ pub async fn status(client: &impl GenericClient) -> Result<Value, OpsError> {
                'relays', (SELECT coalesce(jsonb_agg(jsonb_build_object('name', name, 'sleeping', sleeping, 'started_at', started_at,
                                  'heartbeat_at', heartbeat_at, 'alive', heartbeat_at > now() - interval '30 seconds') ORDER BY name), '[]')
                             FROM provisioning.relays),
-               'relays_alive', (SELECT count(*) FROM provisioning.relays WHERE heartbeat_at > now() - interval '30 seconds'))",
+               'relays_alive', (SELECT count(*) FROM provisioning.relays WHERE heartbeat_at > now() - interval '30 seconds'),
+               'capture_problems', (SELECT coalesce(jsonb_agg(p ORDER BY p), '[]') FROM ({CAPTURE_PROBLEMS}) problems(p)))"),
             &[],
         )
         .await?;

@@ -63,6 +63,13 @@ try {
   await page.waitForFunction(() => /^\d+ attempts shown$/.test(document.querySelector("#message").textContent));
   const unfiltered = await page.locator("#logs tbody tr").count();
   await page.waitForFunction(() => document.querySelector("#dead").textContent !== "…");
+  // The test dropped the delete capture trigger of accounts: the page says so, with the mend.
+  const problems = await page.$$eval("#problems:not([hidden]) li", (lis) => lis.map((li) => li.textContent));
+  check(
+    problems.length === 1 && problems[0].includes("public.accounts has delete events declared but no delete capture trigger")
+      && problems[0].includes("SELECT provisioning.refresh('public.accounts')"),
+    `capture problems shown: ${JSON.stringify(problems)}`,
+  );
   const handlers = await page.$$eval("#handlers tbody tr", (trs) => trs.map((tr) => tr.dataset.name));
   check(handlers.includes(handler), `handler ${handler} listed in ${JSON.stringify(handlers)}`);
 

@@ -126,6 +126,11 @@ async fn web_page_filters_the_log_and_retries_a_dead_delivery_in_chromium() {
     )
     .await;
     assert_eq!(expected.len(), 3);
+    // a capture problem for the page to show
+    db.client
+        .batch_execute("DROP TRIGGER prov_capture_delete ON accounts")
+        .await
+        .unwrap();
     let server = AdminServer::start(&db, TOKEN, true).await;
 
     let screenshot = target_dir().join("browser-screenshot.png");

@@ -574,6 +574,16 @@ pub fn render_table(table: Table, value: &Value) -> String {
                     .collect();
                 format!("capture problems:\n{list}\n{head}")
             };
+            let head = if value["ddl_event_trigger"] == Value::Bool(false) {
+                format!(
+                    "note: the event trigger provisioning_refresh_on_ddl is missing or disabled: ALTER TABLE of a \
+                     captured table is not followed (renaming a column a condition reads breaks the table's writes) \
+                     and update capture fires on every UPDATE; run install.sql as a superuser, or ALTER EVENT \
+                     TRIGGER provisioning_refresh_on_ddl ENABLE\n\n{head}"
+                )
+            } else {
+                head
+            };
             (
                 value["handlers"].as_array().cloned().unwrap_or_default(),
                 head,

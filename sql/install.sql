@@ -775,9 +775,7 @@ BEGIN
                     USING HINT = format('Attach the table again with its key column: SELECT provisioning.attach(%L, %L, ''<key column>'');',
                                         p_relation, e.entity);
             END IF;
-            IF e.data_shape = 'json_keys' AND NOT EXISTS (
-                   SELECT 1 FROM pg_attribute WHERE attrelid = v_table AND attname = e.json_column AND attnum > 0
-                      AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype)) THEN
+            IF e.data_shape = 'json_keys' AND NOT provisioning.is_json_column(v_table, e.json_column) THEN
                 RAISE EXCEPTION 'event %: json column % is not a json/jsonb column of %', e.event, quote_ident(e.json_column), p_relation;
             END IF;
             v_cond := e.compiled_condition;
@@ -913,6 +911,13 @@ BEGIN
 END
 $fn$;
 
+-- Whether p_column is a json or jsonb column of p_table (what a json_keys event reports on).
+CREATE OR REPLACE FUNCTION provisioning.is_json_column(p_table regclass, p_column text) RETURNS boolean
+LANGUAGE sql STABLE AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = p_table AND attname = p_column AND attnum > 0
+                      AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype))
+$fn$;
+
 -- The column numbers of p_columns in p_table, in order (NULL for a name that is not a column).
 CREATE OR REPLACE FUNCTION provisioning.attnums(p_table regclass, p_columns text[]) RETURNS int2[]
 LANGUAGE sql STABLE AS $fn$
@@ -1013,7 +1018,7 @@ BEGIN
         IF p_operation <> 'update' THEN
             RAISE EXCEPTION 'event %: data shape "json_keys" needs operation update', p_event;
         END IF;
-        IF p_json_column IS NULL OR NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = p_table AND attname = p_json_column AND attnum > 0 AND NOT attisdropped AND atttypid IN ('json'::regtype, 'jsonb'::regtype)) THEN
+        IF NOT provisioning.is_json_column(p_table, p_json_column) THEN
             RAISE EXCEPTION 'event %: json column % is not a json/jsonb column of %', p_event, coalesce(quote_ident(p_json_column), 'NULL'), p_table;
         END IF;
     END IF;
@@ -1280,8 +1285,8 @@ $fn$;
 -- under it (the old functions go, with the triggers that ran them, in the same transaction: no
 -- change goes uncaptured). A renamed table is found by its triggers, which still run the functions
 -- named after the old name. Events waiting for a before-stage decision get the new name too, so
--- that the decision is applied to the table. Returns how many tables were followed.
-CREATE OR REPLACE FUNCTION provisioning.follow_table_renames() RETURNS int
+-- that the decision is applied to the table. Returns the tables followed.
+CREATE OR REPLACE FUNCTION provisioning.follow_table_renames() RETURNS regclass[]
 LANGUAGE plpgsql AS $fn$
 DECLARE
     c       provisioning.captures;
@@ -1291,7 +1296,7 @@ DECLARE
     v_op    text;
     v_fn    record;
     v_trg   record;
-    v_moved int := 0;
+    v_moved regclass[] := '{}';
 BEGIN
     FOR c IN SELECT * FROM provisioning.captures WHERE to_regclass(relation) IS NULL ORDER BY relation LOOP
         SELECT t.tgrelid::regclass INTO v_table
@@ -1329,7 +1334,7 @@ BEGIN
             PERFORM provisioning.generate_capture(v_new, v_op);
         END LOOP;
         RAISE NOTICE 'provisioning: the capture of % follows it to its new name %', c.relation, v_new;
-        v_moved := v_moved + 1;
+        v_moved := v_moved || v_table;
     END LOOP;
     RETURN v_moved;
 END
@@ -1347,12 +1352,13 @@ DECLARE
     c       record;
     v_table oid;
     v_rel   regclass;
+    v_moved regclass[] := '{}';
 BEGIN
     IF current_setting('provisioning.generating', true) = 'on' THEN
         RETURN;  -- generate_capture() creating its own triggers
     END IF;
     IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() WHERE command_tag IN ('ALTER TABLE', 'ALTER SCHEMA')) THEN
-        PERFORM provisioning.follow_table_renames();
+        v_moved := provisioning.follow_table_renames();  -- generated under their new names already
     END IF;
     FOR c IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         v_table := NULL;
@@ -1365,7 +1371,8 @@ BEGIN
         CONTINUE WHEN v_table IS NULL;
         -- the table itself, or the captured table it is a partition of
         FOR v_rel IN SELECT r FROM (SELECT v_table::regclass AS r UNION SELECT relid FROM pg_partition_ancestors(v_table)) x
-                      WHERE EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = provisioning.relation_name(x.r)) LOOP
+                      WHERE EXISTS (SELECT 1 FROM provisioning.captures WHERE relation = provisioning.relation_name(x.r))
+                        AND NOT x.r = ANY (v_moved) LOOP
             BEGIN
                 IF c.command_tag = 'ALTER TABLE' THEN
                     PERFORM provisioning.follow_column_renames(v_rel);

@@ -785,6 +785,13 @@ BEGIN
                     RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', e.event, p_relation;
                 END IF;
                 v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
+            ELSIF e.data_shape = 'json_keys' THEN
+                -- The event reports the JSON column's changed keys: it fires only when the column
+                -- changed (as jsonb, so key order and whitespace do not count), like 'changed' fires
+                -- only when a column did. Without this an update of any other column fired it with
+                -- no key to report.
+                v_changed := format('old.%1$I::pg_catalog.jsonb IS DISTINCT FROM new.%1$I::pg_catalog.jsonb', e.json_column);
+                v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
             END IF;
             -- checked again as a whole: the table may have changed since the declaration (refresh)
             v_test := NULL;

@@ -126,6 +126,17 @@ pub enum HandlersCmd {
     Archive { name: String },
     /// Delete a handler and its queued and dead deliveries (the execution log is kept).
     Remove { name: String },
+    /// Send one event to a handler now, as a delivery would (envelope, headers, signature,
+    /// timeout), and say what the relay would make of the reply; exits non-zero if a delivery
+    /// would not succeed. Nothing is written (no attempt logged, no pause, no decision applied);
+    /// any status. The event: --event-id, else the newest stored one it subscribes to, else a
+    /// sample of a declared one (object id 0, empty data). The webhook-id is a fresh test_... id.
+    Test {
+        name: String,
+        /// A stored event to send (see `relay events list`).
+        #[arg(long)]
+        event_id: Option<i64>,
+    },
 }
 
 #[derive(Args, Default)]
@@ -455,7 +466,9 @@ pub async fn execute(
             ops::queries::prune(client, parse_duration(&older_than)?, dead).await?,
             None,
         ),
-        Run | Demo { .. } | Migrate { .. } => unreachable!("handled by the caller"),
+        Run | Demo { .. } | Migrate { .. } | Handlers(HandlersCmd::Test { .. }) => {
+            unreachable!("handled by the caller")
+        }
     };
     Ok(out)
 }
@@ -643,4 +656,61 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         overrides.push(("database_url".into(), url.clone()));
     }
     Config::load(cli.config.as_deref(), &env, &overrides).context("invalid configuration")
+}
+
+/// `relay handlers test` for a person: what was sent, what came back, what it means.
+pub fn render_test(v: &Value) -> String {
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        v => v.to_string(),
+    };
+    let h = &v["handler"];
+    let e = &v["event"];
+    let r = &v["reply"];
+    let mut out = format!(
+        "handler   {} ({}, {} stage) -> {}\n",
+        s(&h["name"]),
+        s(&h["status"]),
+        s(&h["stage"]),
+        s(&h["target"])
+    );
+    out.push_str(&format!(
+        "event     {}, object {}: {}\n",
+        s(&e["name"]),
+        s(&e["object_id"]),
+        s(&e["source"])
+    ));
+    let body = s(&v["request"]["body"]);
+    out.push_str(&format!(
+        "sent      {} bytes, webhook-id {}{}\n          {}\n",
+        body.len(),
+        s(&v["request"]["webhook_id"]),
+        if v["request"]["signed"] == Value::Bool(true) {
+            ", signed"
+        } else {
+            ""
+        },
+        body
+    ));
+    let status = match (&r["http_status"], &r["exit_code"]) {
+        (Value::Number(n), _) => format!("HTTP {n}"),
+        (_, Value::Number(n)) => format!("exit {n}"),
+        _ => "no answer".to_string(),
+    };
+    out.push_str(&format!(
+        "reply     {status} in {} ms\n",
+        s(&r["duration_ms"])
+    ));
+    if !r["response"].is_null() {
+        out.push_str(&format!("response  {}\n", s(&r["response"])));
+    }
+    if !r["error"].is_null() {
+        out.push_str(&format!("error     {}\n", s(&r["error"])));
+    }
+    if !v["decision"].is_null() {
+        out.push_str(&format!("decision  {}\n", v["decision"]));
+    }
+    out.push_str(&format!("=> {}\n", s(&v["meaning"])));
+    out
 }

@@ -19,6 +19,17 @@ pub enum Status {
     Archived,
 }
 
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Enabled => "enabled",
+            Status::Paused => "paused",
+            Status::Disabled => "disabled",
+            Status::Archived => "archived",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Before,

@@ -101,6 +101,27 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Handlers(relay::cli::HandlersCmd::Test { name, event_id }) => {
+            let client = connect(&config).await?;
+            relay::schema::check_version(&client).await?;
+            let sender = relay::ops::test_send::TestSender {
+                transports: relay::service::transports(&config)?,
+                max_retry_after: std::time::Duration::from_millis(config.max_retry_after_ms),
+            };
+            let value = relay::ops::test_send::test_send(&client, &sender, &name, event_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", relay::cli::render_test(&value));
+            }
+            if value["ok"] != serde_json::Value::Bool(true) {
+                anyhow::bail!(
+                    "handler {name}: a delivery would not succeed ({})",
+                    value["meaning"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
         command => {
             let client = connect(&config).await?;
             relay::schema::check_version(&client).await?;

@@ -47,6 +47,19 @@ impl ServiceError {
 }
 
 /// Build a relay from configuration: checks the database and the schema version first.
+/// The HTTP client and script runner, as configured (one per process, reused).
+pub fn transports(config: &Config) -> Result<Transports, ServiceError> {
+    let limit = config.response_limit_bytes as usize;
+    Ok(Transports {
+        http: HttpTransport::new(
+            Duration::from_millis(config.http_connect_timeout_ms),
+            limit,
+            config.deny_private_targets,
+        )?,
+        script: ScriptTransport::new(limit),
+    })
+}
+
 pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
     let name = config.relay_name();
     let pool = crate::db::make_pool(
@@ -78,15 +91,7 @@ pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
             Err(e) => return Err(e),
         }
     }
-    let limit = config.response_limit_bytes as usize;
-    let transports = Transports {
-        http: HttpTransport::new(
-            Duration::from_millis(config.http_connect_timeout_ms),
-            limit,
-            config.deny_private_targets,
-        )?,
-        script: ScriptTransport::new(limit),
-    };
+    let transports = transports(config)?;
     let mut listen_config = crate::db::parse_config(&config.database_url)?;
     listen_config.application_name(format!("relay {name} doorbell"));
     Ok(Relay {
@@ -154,6 +159,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Ser
             token: config.admin_token.as_str().into(),
             open_reads: config.admin_open_reads,
             metrics,
+            sender: crate::ops::test_send::TestSender {
+                transports: relay.transports.clone(),
+                max_retry_after: Duration::from_millis(config.max_retry_after_ms),
+            },
         };
         let stop = background.clone();
         admin_task = Some(tokio::spawn(async move {

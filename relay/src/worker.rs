@@ -128,6 +128,24 @@ pub struct Transports {
     pub script: ScriptTransport,
 }
 
+impl Transports {
+    /// One attempt of `req` to `handler`, by its kind (deliveries and `relay handlers test`).
+    pub async fn send(&self, handler: &Handler, req: &Request) -> Reply {
+        match &handler.kind {
+            Kind::Http { url, parsed } => {
+                let target = Target {
+                    url,
+                    parsed: parsed.as_ref(),
+                    headers: &handler.headers,
+                    secret: handler.secret.as_deref(),
+                };
+                self.http.send(&target, req).await
+            }
+            Kind::Script { program, args } => self.script.run(program, args, req).await,
+        }
+    }
+}
+
 /// Everything the relay loop needs; built by the binary (or a test).
 pub struct Relay {
     pub store: Store,
@@ -645,18 +663,7 @@ async fn deliver(
         timeout: handler.timeout,
     };
     let started_at = Utc::now();
-    let reply = match &handler.kind {
-        Kind::Http { url, parsed } => {
-            let target = Target {
-                url,
-                parsed: parsed.as_ref(),
-                headers: &handler.headers,
-                secret: handler.secret.as_deref(),
-            };
-            transports.http.send(&target, &req).await
-        }
-        Kind::Script { program, args } => transports.script.run(program, args, &req).await,
-    };
+    let reply = transports.send(&handler, &req).await;
     outcome(&handler, c, req, reply, started_at, store, max_retry_after).await
 }
 

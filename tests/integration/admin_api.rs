@@ -1282,3 +1282,88 @@ async fn metrics_move_as_deliveries_happen() {
         1.0
     );
 }
+
+/// `POST /api/handlers/{name}/test`: the CLI's test send over the API. It calls out to the
+/// handler, so it needs the token even where reads are open; the body is optional.
+#[tokio::test]
+async fn api_test_sends_one_event_to_a_handler_with_the_token_only() {
+    let db = TestDb::vcs().await;
+    let rx = crate::receiver::Receiver::start().await;
+    add_handler(
+        &db.client,
+        "crm",
+        &["clients.*"],
+        "http",
+        &rx.url("/hook"),
+        "",
+    )
+    .await;
+    db.client
+        .batch_execute("INSERT INTO clients (id, name) VALUES (5, 'E')")
+        .await
+        .unwrap();
+    let event_id = count(&db.client, "SELECT max(id) FROM provisioning.events").await;
+    let server = AdminServer::start(&db, TOKEN, true).await;
+
+    let r = call(&server, Method::POST, "/api/handlers/crm/test", None, None).await;
+    assert_eq!(r.status, 401, "{:?}", r.body);
+    assert!(rx.received().is_empty(), "nothing sent without the token");
+
+    let r = call(
+        &server,
+        Method::POST,
+        "/api/handlers/crm/test",
+        Some(&bearer()),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["ok"], true);
+    assert_eq!(r.body["event"]["id"], event_id);
+    let r = call(
+        &server,
+        Method::POST,
+        "/api/handlers/crm/test",
+        Some(&bearer()),
+        Some(json!({"event_id": event_id}).to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let got = rx.wait_for("/hook", 2, WAIT).await;
+    assert_eq!(got[1].json()["event"]["object_id"], 5);
+    assert!(got[1].header("webhook-id").unwrap().starts_with("test_"));
+
+    // bad input: unknown field, unknown handler, unknown event
+    let r = call(
+        &server,
+        Method::POST,
+        "/api/handlers/crm/test",
+        Some(&bearer()),
+        Some(r#"{"event": 1}"#.to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = call(
+        &server,
+        Method::POST,
+        "/api/handlers/nobody/test",
+        Some(&bearer()),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = call(
+        &server,
+        Method::POST,
+        "/api/handlers/crm/test",
+        Some(&bearer()),
+        Some(json!({"event_id": 999_999}).to_string()),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    assert_eq!(
+        count(&db.client, "SELECT count(*) FROM provisioning.attempts").await,
+        0
+    );
+    assert_eq!(rx.received().len(), 2);
+}

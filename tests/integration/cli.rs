@@ -1718,3 +1718,210 @@ async fn cli_replay_all_skips_events_forbidden_or_undecided_by_a_before_stage() 
         "{err}"
     );
 }
+
+/// `relay handlers test`: one event sent now as a delivery would send it (envelope, headers,
+/// Standard Webhooks signature), the reply read by the delivery rules (410, Retry-After,
+/// before-stage decisions), and nothing written: no attempt, no delivery change, no pause, no
+/// decision applied.
+#[tokio::test]
+async fn cli_handlers_test_sends_one_event_as_a_delivery_would_and_writes_nothing() {
+    let db = TestDb::vcs().await;
+    let rx = crate::receiver::Receiver::start().await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    add_handler(
+        &db.client,
+        "crm",
+        &["clients.*"],
+        "http",
+        &rx.url("/hook"),
+        &format!("status = 'paused', secret = '{secret}', headers = '{{\"x-api-key\": \"k1\"}}'"),
+    )
+    .await;
+
+    // No stored event yet: a sample of a declared event it subscribes to.
+    let r = cli_json(&db, &["handlers", "test", "crm"]).await;
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert!(r["event"]["id"].is_null());
+    assert!(r["event"]["source"].as_str().unwrap().contains("sample"));
+    let got = rx.wait_for("/hook", 1, WAIT).await;
+    let sample = got[0].json();
+    assert!(sample["event"]["events_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("clients."));
+    assert_eq!(sample["event"]["object_id"], 0);
+    assert_eq!(sample["data"], serde_json::json!({}));
+    let webhook_id = got[0].header("webhook-id").unwrap().to_string();
+    assert!(webhook_id.starts_with("test_"), "{webhook_id}");
+    assert_eq!(r["request"]["webhook_id"], webhook_id.as_str());
+    assert_eq!(got[0].header("x-api-key"), Some("k1"));
+    let wh = standardwebhooks::Webhook::new(secret).unwrap();
+    wh.verify(got[0].body.as_bytes(), &got[0].headers)
+        .expect("the test send is signed like a delivery");
+
+    // A stored event: the newest one it subscribes to, byte for byte as a delivery sends it.
+    db.client
+        .batch_execute(
+            "INSERT INTO clients (id, name) VALUES (12, 'Customer B');
+             UPDATE clients SET name = 'Customer C' WHERE id = 12;",
+        )
+        .await
+        .unwrap();
+    let (update_id, dt): (i64, String) = {
+        let row = db.client.query_one(
+            "SELECT id, to_char(changed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') FROM provisioning.events WHERE name = 'clients.update'", &[]).await.unwrap();
+        (row.get(0), row.get(1))
+    };
+    let pending_before = count(
+        &db.client,
+        "SELECT count(*) FROM provisioning.deliveries WHERE status = 'pending' AND attempts = 0",
+    )
+    .await;
+    assert_eq!(pending_before, 2, "held for the paused handler");
+    let r = cli_json(&db, &["handlers", "test", "crm"]).await;
+    assert_eq!(r["event"]["id"], update_id);
+    let got = rx.wait_for("/hook", 2, WAIT).await;
+    assert_eq!(
+        got[1].body,
+        format!(
+            r#"{{"event":{{"dt":"{dt}+00:00","events_id":"clients.update","object_id":12}},"data":{{"id":12,"name":"Customer C"}}}}"#
+        )
+    );
+    assert_eq!(got[1].header("x-provisioning-attempt"), Some("1"));
+    // --event-id picks another one
+    let create_id = update_id - 1;
+    let r = cli_json(
+        &db,
+        &[
+            "handlers",
+            "test",
+            "crm",
+            "--event-id",
+            &create_id.to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(r["event"]["name"], "clients.create");
+    let got = rx.wait_for("/hook", 3, WAIT).await;
+    assert_eq!(got[2].json()["data"]["name"], "Customer B");
+
+    // 410 Gone: reported as what a delivery would do, exit non-zero; the handler is not touched.
+    db.client
+        .batch_execute("UPDATE provisioning.handlers SET status = 'enabled' WHERE name = 'crm'")
+        .await
+        .unwrap();
+    rx.script([crate::receiver::Answer::Status(410)]);
+    let out = relay_cli(&db, &["handlers", "test", "crm"], &[]).await;
+    assert!(!out.success, "a 410 is not a success: {}", out.stdout);
+    assert!(out.stdout.contains("HTTP 410"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("would pause the handler"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("a delivery would not succeed"),
+        "{}",
+        out.stderr
+    );
+    // 429 with Retry-After: the next attempt it would mean
+    rx.script([crate::receiver::Answer::StatusWithHeaders(
+        429,
+        vec![("retry-after", "30".to_string())],
+    )]);
+    let out = relay_cli(&db, &["--json", "handlers", "test", "crm"], &[]).await;
+    assert!(!out.success);
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["reply"]["http_status"], 429);
+    assert_eq!(r["reply"]["retry_after_ms"], 30_000);
+    assert!(
+        r["meaning"]
+            .as_str()
+            .unwrap()
+            .contains("attempt 2 in about 30 s"),
+        "{r:#}"
+    );
+
+    // A before-stage script: its reply read as a decision, which is not applied.
+    let decide = format!(
+        "{}/../tests/fixtures/before/decide.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let id = add_handler(
+        &db.client,
+        "guard",
+        &["clients.update"],
+        "script",
+        &decide,
+        "stage = 'before', status = 'disabled'",
+    )
+    .await;
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET args = ARRAY['forbid', 'no credit'] WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let r = cli_json(&db, &["handlers", "test", "guard"]).await;
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(
+        r["decision"],
+        serde_json::json!({"decision": "forbid", "reason": "no credit"})
+    );
+    assert_eq!(r["reply"]["exit_code"], 0);
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET args = ARRAY['garbage'] WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let out = relay_cli(&db, &["--json", "handlers", "test", "guard"], &[]).await;
+    assert!(!out.success, "a reply that is no decision fails");
+
+    // Nothing was written by any of it.
+    assert_eq!(
+        count(&db.client, "SELECT count(*) FROM provisioning.attempts").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.deliveries WHERE status = 'pending' AND attempts = 0"
+        )
+        .await,
+        pending_before
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.events WHERE decision IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM clients WHERE id = 12 AND name = 'Customer C'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db.client,
+            "SELECT count(*) FROM provisioning.handlers WHERE name = 'crm' AND status = 'enabled'"
+        )
+        .await,
+        1
+    );
+
+    // Bad input: an unknown handler, an event that is not stored.
+    let err = cli_fails(&db, &["handlers", "test", "nobody"]).await;
+    assert!(err.contains("no handler named \"nobody\""), "{err}");
+    let err = cli_fails(&db, &["handlers", "test", "crm", "--event-id", "999999"]).await;
+    assert!(err.contains("no stored event 999999"), "{err}");
+}

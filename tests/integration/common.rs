@@ -236,6 +236,18 @@ impl AdminServer {
             token: token.into(),
             open_reads,
             metrics: relay::metrics::install(),
+            sender: relay::ops::test_send::TestSender {
+                transports: relay::worker::Transports {
+                    http: relay::delivery::http::HttpTransport::new(
+                        Duration::from_secs(5),
+                        64 * 1024,
+                        false,
+                    )
+                    .expect("http transport"),
+                    script: relay::delivery::script::ScriptTransport::new(64 * 1024),
+                },
+                max_retry_after: Duration::from_secs(3600),
+            },
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let stop = shutdown.clone();

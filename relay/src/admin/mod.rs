@@ -30,6 +30,8 @@ pub struct AdminState {
     /// Read-only API calls without a token.
     pub open_reads: bool,
     pub metrics: PrometheusHandle,
+    /// For `POST /api/handlers/{name}/test` (the relay's own transports).
+    pub sender: crate::ops::test_send::TestSender,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -41,6 +43,7 @@ pub fn router(state: AdminState) -> Router {
                 .patch(update_handler)
                 .delete(remove_handler),
         )
+        .route("/handlers/:name/test", post(test_handler))
         .route("/handlers/:name/:action", post(handler_action))
         .route("/events", get(list_events))
         .route("/events/:id", get(get_event))
@@ -262,6 +265,30 @@ async fn handler_action(
 ) -> ApiResult {
     Ok(Json(
         ops::handlers::set_status(&**s.pool.get().await?, &name, &action).await?,
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TestRequest {
+    event_id: Option<i64>,
+}
+
+/// Send one event to the handler now and report the reply (nothing is written). A body is
+/// optional: `{"event_id": 123}` picks a stored event.
+async fn test_handler(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let t: TestRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TestRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| OpsError::BadRequest(format!("test request: {e}")))?
+    };
+    Ok(Json(
+        ops::test_send::test_send(&**s.pool.get().await?, &s.sender, &name, t.event_id).await?,
     ))
 }
 

@@ -4,6 +4,7 @@
 
 pub mod handlers;
 pub mod queries;
+pub mod test_send;
 
 use thiserror::Error;
 

@@ -4,7 +4,8 @@
 //
 // Loads the page, enters the token, filters the execution log by <handler> and status "fail",
 // checks that exactly the expected attempts are shown (comma-separated ids, newest first), opens
-// the delivery, presses Retry, waits for the confirmation and saves a screenshot. Prints one JSON
+// the delivery, presses Retry, waits for the confirmation, presses the handler's Test button, waits
+// for its result and saves a screenshot. Prints one JSON
 // line with what it saw; exits non-zero (after a screenshot of the failure) on any mismatch.
 // The browser is never downloaded: CHROMIUM_PATH (default /usr/bin/chromium) is used.
 
@@ -128,6 +129,16 @@ try {
   // The page shows the effect: the delivery is pending again, one dead fewer.
   await page.waitForFunction(() => document.querySelector("#detail-status").textContent === "pending");
   await page.waitForFunction((n) => document.querySelector("#dead").textContent === String(n), deadBefore - 1);
+
+  // Test the handler: one event sent now, the reply and what it would mean shown.
+  await page.click(`#handlers tbody tr[data-name="${handler}"] button.test`);
+  await page.waitForFunction((h) => document.querySelector("#message").textContent.startsWith(`test of ${h}: `), handler);
+  const testMessage = await page.textContent("#message");
+  const testOutcome = await page.textContent("#test-outcome");
+  const testResponse = await page.textContent("#test-body pre.response");
+  const testRequest = JSON.parse(await page.textContent("#test-body pre.request"));
+  check(!(await page.locator("#test").isHidden()), "the test section is shown");
+  check(testRequest.event && testRequest.event.events_id, `test request shown: ${JSON.stringify(testRequest)}`);
   await page.screenshot({ path: screenshot, fullPage: true });
   check(pageErrors.length === 0, `no page errors: ${JSON.stringify(pageErrors)}`);
   console.log(
@@ -139,6 +150,10 @@ try {
       dead_before: deadBefore,
       event: sent.event.events_id,
       message,
+      test_message: testMessage,
+      test_message_ok: (await page.getAttribute("#message", "class")) === "ok",
+      test_outcome: testOutcome,
+      test_response: testResponse,
       screenshot,
     }),
   );

@@ -164,6 +164,43 @@ async fn web_page_filters_the_log_and_retries_a_dead_delivery_in_chromium() {
     assert_eq!(seen["event"], "clients.create");
     assert_eq!(seen["shown"], serde_json::json!(expected));
     assert_eq!(seen["unfiltered"], 7);
+    // The Test button: billing's receiver answers 500 and billing has no retries: shown as dead; the
+    // receiver got one test_ request, and nothing was logged for it.
+    let msg = seen["test_message"].as_str().unwrap();
+    assert!(
+        msg.contains("a delivery would go dead (its retry schedule is empty)"),
+        "{msg}"
+    );
+    assert_eq!(seen["test_message_ok"], false);
+    assert!(
+        seen["test_outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("fail — HTTP 500"),
+        "{seen}"
+    );
+    assert!(
+        seen["test_response"]
+            .as_str()
+            .unwrap()
+            .contains("billing exploded"),
+        "{seen}"
+    );
+    let tests: Vec<_> = sc
+        .fail
+        .received()
+        .into_iter()
+        .filter(|r| {
+            r.header("webhook-id")
+                .is_some_and(|id| id.starts_with("test_"))
+        })
+        .collect();
+    assert_eq!(tests.len(), 1, "one test request");
+    assert_eq!(
+        count(&db.client, "SELECT count(*) FROM provisioning.attempts").await,
+        7,
+        "the test is not logged"
+    );
 
     // The effect, in the database: that delivery is queued again, with a fresh schedule; the
     // other dead ones are untouched.

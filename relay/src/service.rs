@@ -46,7 +46,6 @@ impl ServiceError {
     }
 }
 
-/// Build a relay from configuration: checks the database and the schema version first.
 /// The HTTP client and script runner, as configured (one per process, reused).
 pub fn transports(config: &Config) -> Result<Transports, ServiceError> {
     let limit = config.response_limit_bytes as usize;
@@ -60,6 +59,7 @@ pub fn transports(config: &Config) -> Result<Transports, ServiceError> {
     })
 }
 
+/// Build a relay from configuration: checks the database and the schema version first.
 pub async fn build(config: &Config) -> Result<Relay, ServiceError> {
     let name = config.relay_name();
     let pool = crate::db::make_pool(

@@ -91,6 +91,9 @@ CREATE TABLE IF NOT EXISTS provisioning.handlers (
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
+-- At most this many attempts started per second by each relay process (0 = no limit): for a
+-- receiver with a request quota, which would otherwise answer a backlog with 429s.
+ALTER TABLE provisioning.handlers ADD COLUMN IF NOT EXISTS rate_limit_per_s int NOT NULL DEFAULT 0;
 
 -- Refuses bad definitions with a message naming the field. CHECK constraints would do the job,
 -- but their messages name only the constraint; DBAs, the CLI and the API all write through here.
@@ -134,6 +137,10 @@ BEGIN
     END IF;
     IF NEW.max_in_flight IS NULL OR NEW.max_in_flight <= 0 OR NEW.max_in_flight > 10000 THEN
         RAISE EXCEPTION 'invalid handler "%": field "max_in_flight": must be between 1 and 10000 (got %)', NEW.name, coalesce(NEW.max_in_flight::text, 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.rate_limit_per_s IS NULL OR NEW.rate_limit_per_s < 0 OR NEW.rate_limit_per_s > 100000 THEN
+        RAISE EXCEPTION 'invalid handler "%": field "rate_limit_per_s": must be between 0 (no limit) and 100000 attempts per second (got %)', NEW.name, coalesce(NEW.rate_limit_per_s::text, 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW.priority IS NULL THEN

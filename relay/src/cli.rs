@@ -180,6 +180,10 @@ pub struct SpecArgs {
     /// Payload format: jerasoft (default) or full.
     #[arg(long)]
     pub format: Option<String>,
+    /// Most attempts started per second, by each relay process (0: no limit, the default); for a
+    /// receiver with a request quota.
+    #[arg(long, value_name = "PER_SECOND", allow_negative_numbers = true)]
+    pub rate_limit: Option<i32>,
     /// Status: enabled (default), paused, disabled, archived.
     #[arg(long)]
     pub status: Option<String>,
@@ -334,6 +338,7 @@ impl SpecArgs {
             secret,
             max_in_flight: self.max_in_flight,
             format: self.format,
+            rate_limit_per_s: self.rate_limit,
         })
     }
 }

@@ -65,6 +65,8 @@ pub struct Handler {
     pub secret: Option<String>,
     pub max_in_flight: u32,
     pub format: Format,
+    /// Attempts started per second by this process, at most (0: no limit).
+    pub rate_limit_per_s: u32,
 }
 
 // Secrets never reach logs: Debug redacts them.
@@ -83,7 +85,11 @@ impl fmt::Debug for Handler {
 
 pub const SELECT_HANDLERS: &str =
     "SELECT id, name, priority, status, events, stage, kind, target, args, timeout_ms, \
-     retry_schedule_ms, headers, secret, max_in_flight, format FROM provisioning.handlers";
+     retry_schedule_ms, headers, secret, max_in_flight, format, \
+     coalesce((to_jsonb(h) ->> 'rate_limit_per_s')::int, 0) AS rate_limit_per_s \
+     FROM provisioning.handlers h";
+// (rate_limit_per_s is read through to_jsonb: on a schema installed before the column existed, a
+// new binary still loads its handlers, without limits, which is all that schema can hold.)
 
 impl Handler {
     pub fn from_row(row: &tokio_postgres::Row) -> Handler {
@@ -135,6 +141,7 @@ impl Handler {
             headers,
             secret: row.get("secret"),
             max_in_flight: row.get::<_, i32>("max_in_flight").max(1) as u32,
+            rate_limit_per_s: row.get::<_, i32>("rate_limit_per_s").max(0) as u32,
             format: Format::parse(row.get("format")).unwrap_or(Format::Jerasoft),
         }
     }
@@ -196,4 +203,5 @@ fn same(a: &Handler, b: &Handler) -> bool {
         && a.secret == b.secret
         && a.max_in_flight == b.max_in_flight
         && a.format == b.format
+        && a.rate_limit_per_s == b.rate_limit_per_s
 }

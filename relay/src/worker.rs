@@ -120,6 +120,29 @@ struct Shared {
     total_in_flight: AtomicUsize,
     /// The earliest retry scheduled by this process that is not yet due.
     next_due: Mutex<Option<Instant>>,
+    /// Per rate-limited handler: when its next attempt may start.
+    rate_slots: Mutex<HashMap<i64, Instant>>,
+}
+
+impl Shared {
+    /// Reserve the start of a rate-limited handler's next attempt (see [`rate_slot`]).
+    fn reserve_rate_slot(&self, handler: &Handler) -> Instant {
+        let mut slots = self.rate_slots.lock().expect("rate slots lock");
+        let next = slots.get(&handler.id).copied();
+        let (start, after) = rate_slot(next, Instant::now(), handler.rate_limit_per_s);
+        slots.insert(handler.id, after);
+        start
+    }
+}
+
+/// When the next attempt of a handler limited to `rate_per_s` attempts a second may start, and
+/// when the one after it may: attempts are spaced `1 / rate_per_s` apart (no bursts: a quota of
+/// N a second is never exceeded in any second), never before `now`. `next_free` is the start the
+/// previous reservation left for this one (None: the first).
+fn rate_slot(next_free: Option<Instant>, now: Instant, rate_per_s: u32) -> (Instant, Instant) {
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate_per_s.max(1)));
+    let start = next_free.map_or(now, |t| t.max(now));
+    (start, start + interval)
 }
 
 #[derive(Clone)]
@@ -172,6 +195,7 @@ impl Relay {
             slots: Mutex::new(HashMap::new()),
             total_in_flight: AtomicUsize::new(0),
             next_due: Mutex::new(None),
+            rate_slots: Mutex::new(HashMap::new()),
         });
         let handlers_changed = Arc::new(Notify::new());
         let background = CancellationToken::new();
@@ -446,8 +470,17 @@ struct Demand<'a> {
 /// one, so the n-th waiting delivery starts within ceil(n / max_in_flight) timeouts; its lease
 /// covers those and its own attempt, plus the margin.
 fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) -> Vec<Want> {
-    let limit = |d: &Demand<'_>| (d.handler.max_in_flight as usize).max(1);
-    let window = |d: &Demand<'_>| (1 + WAITING_MULTIPLE) * limit(d);
+    let rate = |d: &Demand<'_>| d.handler.rate_limit_per_s as usize;
+    // A rate-limited handler's window is two seconds of its rate at most: what it can start
+    // before its claim goes stale, and no more taken from other relays.
+    let window = |d: &Demand<'_>| {
+        let w = (1 + WAITING_MULTIPLE) * (d.handler.max_in_flight as usize).max(1);
+        match rate(d) {
+            0 => w,
+            r => w.min(2 * r),
+        }
+    };
+    let limit = |d: &Demand<'_>| (d.handler.max_in_flight as usize).clamp(1, window(d));
     // Worth a claim: nothing claimed yet, or at least half a max_in_flight free.
     let worth = |d: &Demand<'_>| {
         let space = window(d).saturating_sub(d.claimed);
@@ -474,10 +507,15 @@ fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) 
             // The last of this claim waits behind `waiting` others (0: all start at once).
             let waiting = (d.claimed + n).saturating_sub(limit(d));
             let timeouts = 1 + waiting.div_ceil(limit(d)) as u32;
+            // ...and, rate-limited, the turns of everything claimed before it (1 / rate each).
+            let turns = match rate(d) {
+                0 => Duration::ZERO,
+                r => Duration::from_secs_f64((d.claimed + n) as f64 / r as f64),
+            };
             Want {
                 handler_id: d.handler.id,
                 limit: n as i32,
-                lease: d.handler.timeout * timeouts + lease_margin,
+                lease: d.handler.timeout * timeouts + turns + lease_margin,
                 row_images: d.handler.format == crate::delivery::envelope::Format::Full,
             }
         })
@@ -571,7 +609,29 @@ impl Attempts {
                 // The definition as it is now: a delivery that waited may find its handler paused.
                 let handler = this.registry.get(handler_id);
                 let (delivery_id, token) = (c.delivery_id, c.token);
-                let completion = if waited
+                // A rate-limited handler: wait for this attempt's turn (a shutdown ends the wait).
+                let mut paced = false;
+                if let Some(h) = handler
+                    .as_ref()
+                    .filter(|h| h.rate_limit_per_s > 0 && h.status == Status::Enabled)
+                {
+                    let at = this.shared.reserve_rate_slot(h);
+                    if at > Instant::now() {
+                        paced = true;
+                        tokio::select! {
+                            _ = this.shutdown.cancelled() => {}
+                            _ = tokio::time::sleep_until(at.into()) => {}
+                        }
+                    }
+                }
+                let completion = if paced && this.shutdown.is_cancelled() {
+                    release(
+                        delivery_id,
+                        handler_id,
+                        token,
+                        "relay shut down before the attempt started",
+                    )
+                } else if (waited || paced)
                     && handler
                         .as_ref()
                         .is_some_and(|h| Instant::now() + h.timeout > c.leased_until)
@@ -583,7 +643,7 @@ impl Attempts {
                         delivery_id,
                         handler_id,
                         token,
-                        "its lease would have run out during the attempt (it waited too long for a slot)",
+                        "its lease would have run out during the attempt (it waited too long for a slot or its handler's rate limit)",
                     )
                 } else {
                     tokio::select! {
@@ -986,6 +1046,7 @@ mod tests {
             secret: None,
             max_in_flight,
             format: Format::Jerasoft,
+            rate_limit_per_s: 0,
         })
     }
 
@@ -1066,5 +1127,43 @@ mod tests {
     fn no_room_no_claims() {
         let h = handler(1, 128);
         assert_eq!(plan(&[(&h, 0)], 0), vec![]);
+    }
+
+    fn limited(id: i64, max_in_flight: u32, rate: u32) -> Arc<Handler> {
+        let mut h = (*handler(id, max_in_flight)).clone();
+        h.rate_limit_per_s = rate;
+        Arc::new(h)
+    }
+
+    #[test]
+    fn a_rate_limited_handler_claims_two_seconds_of_its_rate_with_their_turns_in_the_lease() {
+        // 5 a second: 10 claimed, all within the in-flight limit; the last starts 2 s from now
+        let h = limited(1, 16, 5);
+        assert_eq!(plan(&[(&h, 0)], 500), vec![(1, 10, 10 + 2 + 30)]);
+        // claims again once half of that window is free; the new ones queue behind the rest
+        assert_eq!(plan(&[(&h, 6)], 500), vec![]);
+        assert_eq!(plan(&[(&h, 5)], 500), vec![(1, 5, 42)]);
+        // a rate above what the window allows anyway changes nothing but the lease
+        let fast = limited(2, 128, 1000);
+        assert_eq!(plan(&[(&fast, 0)], 500), vec![(2, 384, 60)]);
+        assert_eq!(plan(&[(&handler(3, 128), 0)], 500), vec![(3, 384, 60)]);
+    }
+
+    #[test]
+    fn rate_slots_are_spaced_one_over_the_rate_apart_and_never_in_the_past() {
+        let t0 = Instant::now();
+        let (a, next) = rate_slot(None, t0, 4);
+        assert_eq!(a, t0);
+        assert_eq!(next, t0 + Duration::from_millis(250));
+        // reserved at once: the next turn is a quarter second later, and so on
+        let (b, next) = rate_slot(Some(next), t0, 4);
+        assert_eq!(b, t0 + Duration::from_millis(250));
+        let (c, _) = rate_slot(Some(next), t0, 4);
+        assert_eq!(c, t0 + Duration::from_millis(500));
+        // a handler idle for a while starts at once (no saved-up burst)
+        let later = t0 + Duration::from_secs(10);
+        let (d, next) = rate_slot(Some(t0 + Duration::from_millis(750)), later, 4);
+        assert_eq!(d, later);
+        assert_eq!(next, later + Duration::from_millis(250));
     }
 }

@@ -240,6 +240,8 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
             "4",
             "--format",
             "full",
+            "--rate-limit",
+            "20",
         ],
         &[("CRM_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
     )
@@ -264,6 +266,7 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
     assert_eq!(h["headers"], serde_json::json!({"X-Api-Key": "k1"}));
     assert_eq!(h["secret_set"], true);
     assert_eq!(h["max_in_flight"], 4);
+    assert_eq!(h["rate_limit_per_s"], 20);
     assert_eq!(h["format"], "full");
     assert_eq!(h["status"], "enabled");
     let secret: String = db
@@ -428,6 +431,20 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
                 "0",
             ],
             "field \"max_in_flight\"",
+        ),
+        (
+            &[
+                "handlers",
+                "add",
+                "x",
+                "--event",
+                "clients.create",
+                "--http",
+                "http://h/x",
+                "--rate-limit",
+                "-5",
+            ],
+            "field \"rate_limit_per_s\"",
         ),
         (
             &[

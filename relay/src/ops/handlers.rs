@@ -26,6 +26,7 @@ pub struct HandlerSpec {
     pub secret: Option<String>,
     pub max_in_flight: Option<i32>,
     pub format: Option<String>,
+    pub rate_limit_per_s: Option<i32>,
 }
 
 /// The public view of a handler: the secret is never shown, only whether one is set.
@@ -33,7 +34,7 @@ const HANDLER_JSON: &str = "jsonb_build_object(
     'id', h.id, 'name', h.name, 'priority', h.priority, 'status', h.status, 'status_reason', h.status_reason,
     'events', to_jsonb(h.events), 'stage', h.stage, 'kind', h.kind, 'target', h.target, 'args', to_jsonb(h.args),
     'timeout_ms', h.timeout_ms, 'retry_schedule_ms', to_jsonb(h.retry_schedule_ms), 'headers', h.headers,
-    'secret_set', h.secret IS NOT NULL, 'max_in_flight', h.max_in_flight, 'format', h.format,
+    'secret_set', h.secret IS NOT NULL, 'max_in_flight', h.max_in_flight, 'format', h.format, 'rate_limit_per_s', h.rate_limit_per_s,
     'created_at', h.created_at, 'updated_at', h.updated_at,
     'backlog', (SELECT count(*) FROM provisioning.deliveries d WHERE d.handler_id = h.id AND d.status IN ('waiting', 'pending', 'running')),
     'dead', (SELECT count(*) FROM provisioning.deliveries d WHERE d.handler_id = h.id AND d.status = 'dead'),
@@ -78,6 +79,7 @@ fn columns(spec: &HandlerSpec) -> Vec<(&'static str, Box<dyn ToSql + Sync + Send
     put!(secret);
     put!(max_in_flight);
     put!(format);
+    put!(rate_limit_per_s);
     if let Some(h) = &spec.headers {
         cols.push(("headers", Box::new(Value::Object(h.clone()))));
     }

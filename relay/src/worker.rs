@@ -469,6 +469,10 @@ struct Demand<'a> {
 /// Lease: every attempt running now ends within the handler's timeout and starts the next waiting
 /// one, so the n-th waiting delivery starts within ceil(n / max_in_flight) timeouts; its lease
 /// covers those and its own attempt, plus the margin.
+///
+/// A rate-limited handler (N attempts a second) has a window of at most 2 N (what it can start in
+/// two seconds), its in-flight limit and batch threshold capped by that window, and the leases
+/// of its claims also cover one turn of 1/N s for every delivery claimed ahead.
 fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) -> Vec<Want> {
     let rate = |d: &Demand<'_>| d.handler.rate_limit_per_s as usize;
     // A rate-limited handler's window is two seconds of its rate at most: what it can start
@@ -481,7 +485,7 @@ fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) 
         }
     };
     let limit = |d: &Demand<'_>| (d.handler.max_in_flight as usize).clamp(1, window(d));
-    // Worth a claim: nothing claimed yet, or at least half a max_in_flight free.
+    // Worth a claim: nothing claimed yet, or at least half a max_in_flight (capped as above) free.
     let worth = |d: &Demand<'_>| {
         let space = window(d).saturating_sub(d.claimed);
         space > 0 && (d.claimed == 0 || space >= (limit(d) / 2).max(1))

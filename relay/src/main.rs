@@ -6,6 +6,24 @@ use clap::Parser;
 use relay::cli::{Cli, Command};
 use relay::config::Config;
 
+/// Standard error for logs, never failing. tracing-subscriber reports a failed write with
+/// `eprintln!`, which panics when standard error itself is broken (a closed pipe, a full disk, a
+/// log collector that went away): the task that logged would die with it. That task may be the
+/// one waiting for SIGTERM, or an attempt whose outcome must be recorded. A log line that cannot
+/// be written is dropped instead; the relay goes on and stops cleanly.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn init_logging(config: &Config) {
     let filter = std::env::var("RELAY_LOG").unwrap_or_else(|_| config.log_level.clone());
     // The database driver logs query parameters at debug level, and parameters can hold secrets
@@ -17,7 +35,7 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colours)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LossyStderr);
     if config.log_format == "json" {
         builder.json().init();
     } else {

@@ -2066,3 +2066,71 @@ async fn a_relay_stays_awake_while_work_flows_so_writers_do_not_notify() {
     rx.wait_for("/x", 22, WAIT).await;
     relay.stop().await;
 }
+
+/// A relay whose log output breaks (its stdout and stderr pipes nobody reads any more, as when a
+/// log collector goes away) keeps delivering, records failed and retried attempts, and still stops
+/// cleanly on SIGTERM: a log line that cannot be written is dropped, it takes no task down.
+#[tokio::test]
+async fn a_broken_log_output_stops_neither_deliveries_nor_shutdown() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    // the first attempt fails: the relay logs a warning, then retries
+    rx.script([Answer::Status(500)]);
+    add_handler(
+        &db.client,
+        "crm",
+        &["clients.create"],
+        "http",
+        &rx.url("/c"),
+        "retry_schedule_ms = '{200}'",
+    )
+    .await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["run", "--database-url", &db.url])
+        .args(["--set", "admin_listen=", "--set", "poll_interval_ms=200"])
+        .args(["--set", "log_level=debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the relay binary");
+    // nobody reads its output: every log line meets a closed pipe
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    db.client
+        .execute(
+            "INSERT INTO clients (id, name) VALUES (1, 'a'), (2, 'b')",
+            &[],
+        )
+        .await
+        .unwrap();
+    rx.wait_for("/c", 3, WAIT).await;
+    eventually(
+        WAIT,
+        "three attempts recorded, nothing left to deliver",
+        || async {
+            (count(&db.client, "SELECT count(*) FROM provisioning.attempts").await == 3
+                && count(&db.client, "SELECT count(*) FROM provisioning.deliveries").await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the relay is still running"
+    );
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the relay did not exit within {WAIT:?} of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+}

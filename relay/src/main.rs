@@ -1,5 +1,7 @@
 //! The `relay` binary. Errors are reported at this edge with anyhow.
 
+use std::io::Write;
+
 use anyhow::Context;
 use clap::Parser;
 
@@ -43,6 +45,21 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// Print a command's output. A reader that went away (`relay logs | head`) ends the output
+/// quietly, as with other Unix tools, instead of a panic; the command's exit status stays its own.
+fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write the command's output")
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
         .await
@@ -63,7 +80,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The chain of causes, without a backtrace: messages say what failed and what to do.
-            eprintln!("error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -102,20 +119,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let after = relay::schema::installed_version(&client).await?;
             match before {
-                None => println!(
-                    "installed provisioning schema version {}",
+                None => out(&format!(
+                    "installed provisioning schema version {}\n",
                     after.unwrap_or_default()
-                ),
-                Some(b) if Some(b) == after => {
-                    println!("provisioning schema already at version {b}; functions refreshed")
-                }
-                Some(b) => println!(
-                    "upgraded provisioning schema from version {b} to {}",
+                ))?,
+                Some(b) if Some(b) == after => out(&format!(
+                    "provisioning schema already at version {b}; functions refreshed\n"
+                ))?,
+                Some(b) => out(&format!(
+                    "upgraded provisioning schema from version {b} to {}\n",
                     after.unwrap_or_default()
-                ),
+                ))?,
             }
             if vcs_preset {
-                println!("VCS preset tables and events installed");
+                out("VCS preset tables and events installed\n")?;
             }
             Ok(())
         }
@@ -128,9 +145,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             };
             let value = relay::ops::test_send::test_send(&client, &sender, &name, event_id).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                out(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
             } else {
-                print!("{}", relay::cli::render_test(&value));
+                out(&relay::cli::render_test(&value))?;
             }
             if value["ok"] != serde_json::Value::Bool(true) {
                 // (what the reply means is printed above, or in the JSON)
@@ -143,8 +160,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             relay::schema::check_version(&client).await?;
             let (value, table) = relay::cli::execute(command, &client).await?;
             match (json, table) {
-                (false, Some(t)) => print!("{}", relay::cli::render_table(t, &value)),
-                _ => println!("{}", serde_json::to_string_pretty(&value)?),
+                (false, Some(t)) => out(&relay::cli::render_table(t, &value))?,
+                _ => out(&format!("{}\n", serde_json::to_string_pretty(&value)?))?,
             }
             Ok(())
         }

@@ -1942,3 +1942,41 @@ async fn cli_handlers_test_sends_one_event_as_a_delivery_would_and_writes_nothin
     let err = cli_fails(&db, &["handlers", "test", "crm", "--event-id", "999999"]).await;
     assert!(err.contains("no stored event 999999"), "{err}");
 }
+
+/// `relay events list | head -1`: a reader that goes away ends the output quietly (exit 0, no
+/// panic), as with other Unix tools.
+#[tokio::test]
+async fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let db = TestDb::vcs().await;
+    // more output than a pipe holds, so the writer meets the closed end whatever the timing
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'client number ' || g FROM generate_series(1, 1000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args([
+            "--database-url",
+            &db.url,
+            "events",
+            "list",
+            "--limit",
+            "1000",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the relay binary");
+    drop(child.stdout.take());
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("the command ends")
+        .expect("wait for the relay binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -785,21 +785,22 @@ BEGIN
             IF e.data_shape = 'json_keys' AND NOT provisioning.is_json_column(v_table, e.json_column) THEN
                 RAISE EXCEPTION 'event %: json column % is not a json/jsonb column of %', e.event, quote_ident(e.json_column), p_relation;
             END IF;
-            v_cond := e.compiled_condition;
+            -- The shapes that report what changed fire only when something did: 'changed' when a
+            -- column not excluded did, 'json_keys' when its JSON column did (as jsonb, so key order
+            -- and whitespace do not count; without it any other column's update fired it with no
+            -- key to report).
+            v_changed := NULL;
             IF e.data_shape = 'changed' THEN
                 v_changed := provisioning.changed_comparison(v_table, e.exclude_columns);
                 IF v_changed IS NULL THEN
                     RAISE EXCEPTION 'event %: every column of % is excluded; nothing could change', e.event, p_relation;
                 END IF;
-                v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
             ELSIF e.data_shape = 'json_keys' THEN
-                -- The event reports the JSON column's changed keys: it fires only when the column
-                -- changed (as jsonb, so key order and whitespace do not count), like 'changed' fires
-                -- only when a column did. Without this an update of any other column fired it with
-                -- no key to report.
                 v_changed := format('old.%1$I::pg_catalog.jsonb IS DISTINCT FROM new.%1$I::pg_catalog.jsonb', e.json_column);
-                v_cond := CASE WHEN v_cond IS NULL THEN v_changed ELSE format('(%s) AND %s', v_cond, v_changed) END;
             END IF;
+            v_cond := CASE WHEN e.compiled_condition IS NULL THEN v_changed
+                           WHEN v_changed IS NULL THEN e.compiled_condition
+                           ELSE format('(%s) AND %s', e.compiled_condition, v_changed) END;
             -- checked again as a whole: the table may have changed since the declaration (refresh)
             v_test := NULL;
             IF v_cond IS NOT NULL THEN

@@ -36,6 +36,15 @@ pub enum Stage {
     After,
 }
 
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Before => "before",
+            Stage::After => "after",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// `parsed` once when the handler is loaded, not for every request (URL parsing and IDNA

@@ -2085,18 +2085,23 @@ async fn a_broken_log_output_stops_neither_deliveries_nor_shutdown() {
         "retry_schedule_ms = '{200}'",
     )
     .await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(["run", "--database-url", &db.url])
-        .args(["--set", "admin_listen=", "--set", "poll_interval_ms=200"])
-        .args(["--set", "log_level=debug"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the relay binary");
+    let mut relay = RelayProcess {
+        child: Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["run", "--database-url", &db.url])
+            .args(["--set", "admin_listen=", "--set", "poll_interval_ms=200"])
+            .args(["--set", "log_level=debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the relay binary"),
+        name: "broken-log".into(),
+        // (no log file: its output goes nowhere)
+        log: PathBuf::new(),
+    };
     // nobody reads its output: every log line meets a closed pipe
-    drop(child.stdout.take());
-    drop(child.stderr.take());
+    drop(relay.child.stdout.take());
+    drop(relay.child.stderr.take());
     db.client
         .execute(
             "INSERT INTO clients (id, name) VALUES (1, 'a'), (2, 'b')",
@@ -2116,21 +2121,10 @@ async fn a_broken_log_output_stops_neither_deliveries_nor_shutdown() {
     )
     .await;
     assert!(
-        child.try_wait().expect("try_wait").is_none(),
+        relay.child.try_wait().expect("try_wait").is_none(),
         "the relay is still running"
     );
-    // SAFETY: plain kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "the relay did not exit within {WAIT:?} of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    relay.sigterm();
+    let status = relay.wait_exit(WAIT).await;
     assert!(status.success(), "clean exit after SIGTERM: {status:?}");
 }

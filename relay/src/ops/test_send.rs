@@ -82,7 +82,7 @@ pub async fn test_send(
         "handler": {
             "name": handler.name,
             "status": handler.status.as_str(),
-            "stage": if handler.stage == Stage::Before { "before" } else { "after" },
+            "stage": handler.stage.as_str(),
             "target": match &handler.kind {
                 Kind::Http { url, .. } => url.clone(),
                 Kind::Script { program, .. } => program.clone(),

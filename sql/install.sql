@@ -94,6 +94,10 @@ CREATE TABLE IF NOT EXISTS provisioning.handlers (
 -- At most this many attempts started per second by each relay process (0 = no limit): for a
 -- receiver with a request quota, which would otherwise answer a backlog with 429s.
 ALTER TABLE provisioning.handlers ADD COLUMN IF NOT EXISTS rate_limit_per_s int NOT NULL DEFAULT 0;
+-- HTTP statuses (http) or exit codes (script) that are not retried: a failed attempt that ends
+-- with one makes the delivery dead at once (kept, shown, replayable), e.g. {400,422} for a
+-- receiver that refuses the payload itself, which no retry of the same body would change.
+ALTER TABLE provisioning.handlers ADD COLUMN IF NOT EXISTS give_up_on int[] NOT NULL DEFAULT '{}';
 
 -- Refuses bad definitions with a message naming the field. CHECK constraints would do the job,
 -- but their messages name only the constraint; DBAs, the CLI and the API all write through here.
@@ -141,6 +145,18 @@ BEGIN
     END IF;
     IF NEW.rate_limit_per_s IS NULL OR NEW.rate_limit_per_s < 0 OR NEW.rate_limit_per_s > 100000 THEN
         RAISE EXCEPTION 'invalid handler "%": field "rate_limit_per_s": must be between 0 (no limit) and 100000 attempts per second (got %)', NEW.name, coalesce(NEW.rate_limit_per_s::text, 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.give_up_on IS NULL OR array_position(NEW.give_up_on, NULL) IS NOT NULL OR cardinality(NEW.give_up_on) > 100 THEN
+        RAISE EXCEPTION 'invalid handler "%": field "give_up_on": must be a list of at most 100 codes, none of them NULL (got %)', NEW.name, coalesce(NEW.give_up_on::text, 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.kind = 'http' AND EXISTS (SELECT 1 FROM unnest(NEW.give_up_on) c WHERE c < 400 OR c > 599 OR c = 410) THEN
+        RAISE EXCEPTION 'invalid handler "%": field "give_up_on": HTTP statuses must be between 400 and 599, and not 410, which pauses the handler (got %)', NEW.name, NEW.give_up_on::text
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.kind = 'script' AND EXISTS (SELECT 1 FROM unnest(NEW.give_up_on) c WHERE c < 1 OR c > 255) THEN
+        RAISE EXCEPTION 'invalid handler "%": field "give_up_on": exit codes must be between 1 and 255 (got %)', NEW.name, NEW.give_up_on::text
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW.priority IS NULL THEN

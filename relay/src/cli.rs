@@ -184,6 +184,10 @@ pub struct SpecArgs {
     /// receiver with a request quota.
     #[arg(long, value_name = "PER_SECOND", allow_negative_numbers = true)]
     pub rate_limit: Option<i32>,
+    /// HTTP statuses (http) or exit codes (script) not to retry, comma-separated, e.g. 400,422:
+    /// a failed attempt ending with one makes the delivery dead at once. '' clears the list.
+    #[arg(long, value_name = "CODES")]
+    pub give_up_on: Option<String>,
     /// Status: enabled (default), paused, disabled, archived.
     #[arg(long)]
     pub status: Option<String>,
@@ -318,6 +322,19 @@ impl SpecArgs {
             })
             .transpose()
             .map_err(|e| anyhow::anyhow!("--retry-schedule: {e}"))?;
+        let give_up_on = self
+            .give_up_on
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        p.parse::<i32>()
+                            .map_err(|_| anyhow::anyhow!("--give-up-on: {p:?} is not a number"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         Ok(HandlerSpec {
             name,
             events: (!self.events.is_empty()).then_some(self.events),
@@ -339,6 +356,7 @@ impl SpecArgs {
             max_in_flight: self.max_in_flight,
             format: self.format,
             rate_limit_per_s: self.rate_limit,
+            give_up_on,
         })
     }
 }

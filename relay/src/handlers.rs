@@ -76,6 +76,8 @@ pub struct Handler {
     pub format: Format,
     /// Attempts started per second by this process, at most (0: no limit).
     pub rate_limit_per_s: u32,
+    /// HTTP statuses (http) or exit codes (script) after which a delivery is not retried.
+    pub give_up_on: Vec<i32>,
 }
 
 // Secrets never reach logs: Debug redacts them.
@@ -95,10 +97,12 @@ impl fmt::Debug for Handler {
 pub const SELECT_HANDLERS: &str =
     "SELECT id, name, priority, status, events, stage, kind, target, args, timeout_ms, \
      retry_schedule_ms, headers, secret, max_in_flight, format, \
-     coalesce((to_jsonb(h) ->> 'rate_limit_per_s')::int, 0) AS rate_limit_per_s \
+     coalesce((to_jsonb(h) ->> 'rate_limit_per_s')::int, 0) AS rate_limit_per_s, \
+     ARRAY(SELECT c::int FROM jsonb_array_elements_text(to_jsonb(h) -> 'give_up_on') c) AS give_up_on \
      FROM provisioning.handlers h";
-// (rate_limit_per_s is read through to_jsonb: on a schema installed before the column existed, a
-// new binary still loads its handlers, without limits, which is all that schema can hold.)
+// (rate_limit_per_s and give_up_on are read through to_jsonb: on a schema installed before the
+// columns existed, a new binary still loads its handlers, without limits and retrying every
+// failure, which is all that schema can hold.)
 
 impl Handler {
     pub fn from_row(row: &tokio_postgres::Row) -> Handler {
@@ -151,6 +155,7 @@ impl Handler {
             secret: row.get("secret"),
             max_in_flight: row.get::<_, i32>("max_in_flight").max(1) as u32,
             rate_limit_per_s: row.get::<_, i32>("rate_limit_per_s").max(0) as u32,
+            give_up_on: row.get("give_up_on"),
             format: Format::parse(row.get("format")).unwrap_or(Format::Jerasoft),
         }
     }
@@ -213,4 +218,5 @@ fn same(a: &Handler, b: &Handler) -> bool {
         && a.max_in_flight == b.max_in_flight
         && a.format == b.format
         && a.rate_limit_per_s == b.rate_limit_per_s
+        && a.give_up_on == b.give_up_on
 }

@@ -50,6 +50,23 @@ pub fn next_step(
     NextStep::RetryAfter(delay)
 }
 
+/// Whether a failed attempt is final by the handler's `give_up_on` list: the HTTP status (an http
+/// handler's reply) or the exit code (a script's) when the list holds it, as the attempt log and
+/// the error text name it ("HTTP 422", "exit code 3"). A failure with neither (a timeout, a refused
+/// connection, a killed script) is never final by the list.
+pub fn given_up_on(
+    give_up_on: &[i32],
+    http_status: Option<u16>,
+    exit_code: Option<i32>,
+) -> Option<String> {
+    if let Some(s) = http_status.filter(|s| give_up_on.contains(&i32::from(*s))) {
+        return Some(format!("HTTP {s}"));
+    }
+    exit_code
+        .filter(|c| give_up_on.contains(c))
+        .map(|c| format!("exit code {c}"))
+}
+
 /// Total number of attempts a schedule allows (the first plus one per delay).
 pub fn max_attempts(schedule_ms: &[u64]) -> u32 {
     schedule_ms.len() as u32 + 1
@@ -60,6 +77,25 @@ mod tests {
     use super::*;
 
     const CAP: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn only_a_listed_status_or_exit_code_is_given_up_on() {
+        let list = [400, 422];
+        assert_eq!(
+            given_up_on(&list, Some(422), None).as_deref(),
+            Some("HTTP 422")
+        );
+        assert_eq!(given_up_on(&list, Some(500), None), None);
+        assert_eq!(given_up_on(&list, Some(401), None), None);
+        // a timeout or a refused connection has no status: retried
+        assert_eq!(given_up_on(&list, None, None), None);
+        assert_eq!(given_up_on(&[], Some(400), None), None);
+        assert_eq!(
+            given_up_on(&[3], None, Some(3)).as_deref(),
+            Some("exit code 3")
+        );
+        assert_eq!(given_up_on(&[3], None, Some(1)), None);
+    }
 
     #[test]
     fn default_schedule_spans_about_a_day() {

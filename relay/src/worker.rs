@@ -26,7 +26,7 @@ use crate::delivery::script::ScriptTransport;
 use crate::delivery::{Reply, Request};
 use crate::handlers::{self, Handler, Kind, Registry, Status};
 use crate::pacing::Pacing;
-use crate::retry::{next_step, NextStep};
+use crate::retry::{given_up_on, next_step, NextStep};
 use crate::store::{Action, AttemptLog, Claimed, Completion, Store, Want};
 
 /// Tuning of one relay process.
@@ -758,8 +758,17 @@ async fn outcome(
             }
         }
     }
+    // Why a delivery that goes dead now does (for its log line).
+    let mut dead_because = "retry schedule exhausted".to_string();
     let (action, delay) = if reply.success {
         (Action::Done, Duration::ZERO)
+    } else if let Some(code) = given_up_on(&handler.give_up_on, reply.http_status, reply.exit_code)
+    {
+        // The receiver refused this request in a way the handler says no retry changes.
+        dead_because = format!("{code} is in the handler's give_up_on list, so it is not retried");
+        let error = reply.error.take().unwrap_or_else(|| "failed".into());
+        reply.error = Some(format!("{error} ({dead_because})"));
+        (Action::Dead, Duration::ZERO)
     } else if reply.gone {
         let reason = format!(
             "paused by the relay: the handler answered 410 Gone at {}",
@@ -821,7 +830,7 @@ async fn outcome(
     }
     if action == Action::Dead {
         metrics::counter!("provisioning_deliveries_dead_total", "handler" => handler.name.clone(), "event" => c.event.name.clone()).increment(1);
-        tracing::error!(handler = %handler.name, event = %c.event.name, event_id = c.event.id, "delivery is dead: retry schedule exhausted; see `relay deliveries list --status dead`");
+        tracing::error!(handler = %handler.name, event = %c.event.name, event_id = c.event.id, "delivery is dead: {dead_because}; see `relay deliveries list --status dead`");
     }
     if !reply.success {
         tracing::warn!(
@@ -1051,6 +1060,7 @@ mod tests {
             max_in_flight,
             format: Format::Jerasoft,
             rate_limit_per_s: 0,
+            give_up_on: vec![],
         })
     }
 

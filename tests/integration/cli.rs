@@ -242,6 +242,8 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
             "full",
             "--rate-limit",
             "20",
+            "--give-up-on",
+            "400, 422",
         ],
         &[("CRM_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
     )
@@ -267,6 +269,7 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
     assert_eq!(h["secret_set"], true);
     assert_eq!(h["max_in_flight"], 4);
     assert_eq!(h["rate_limit_per_s"], 20);
+    assert_eq!(h["give_up_on"], serde_json::json!([400, 422]));
     assert_eq!(h["format"], "full");
     assert_eq!(h["status"], "enabled");
     let secret: String = db
@@ -455,6 +458,34 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
                 "clients.create",
                 "--http",
                 "http://h/x",
+                "--give-up-on",
+                "410",
+            ],
+            "field \"give_up_on\"",
+        ),
+        (
+            &[
+                "handlers",
+                "add",
+                "x",
+                "--event",
+                "clients.create",
+                "--http",
+                "http://h/x",
+                "--give-up-on",
+                "4xx",
+            ],
+            "--give-up-on: \"4xx\" is not a number",
+        ),
+        (
+            &[
+                "handlers",
+                "add",
+                "x",
+                "--event",
+                "clients.create",
+                "--http",
+                "http://h/x",
                 "--secret",
                 "short",
             ],
@@ -579,7 +610,10 @@ async fn cli_handlers_add_show_update_status_changes_and_remove() {
     assert_eq!(u["target"], "https://crm2.example.com/h");
     assert_eq!(u["timeout_ms"], 2000, "untouched fields keep their values");
     assert_eq!(u["format"], "full");
+    assert_eq!(u["give_up_on"], serde_json::json!([400, 422]));
     assert_eq!(u["id"], h["id"]);
+    let u = cli_json(&db, &["handlers", "update", "crm2", "--give-up-on", ""]).await;
+    assert_eq!(u["give_up_on"], serde_json::json!([]), "'' clears the list");
 
     // Status changes, each visible in the output and the database.
     for (verb, status) in [
@@ -1858,6 +1892,21 @@ async fn cli_handlers_test_sends_one_event_as_a_delivery_would_and_writes_nothin
             .unwrap()
             .contains("attempt 2 in about 30 s"),
         "{r:#}"
+    );
+    // a status the handler gives up on: dead at once, the schedule notwithstanding
+    db.client
+        .batch_execute("UPDATE provisioning.handlers SET give_up_on = '{422}' WHERE name = 'crm'")
+        .await
+        .unwrap();
+    rx.script([crate::receiver::Answer::Status(422)]);
+    let out = relay_cli(&db, &["handlers", "test", "crm"], &[]).await;
+    assert!(!out.success);
+    assert!(
+        out.stdout.contains(
+            "would go dead at once (HTTP 422 is in the handler's give_up_on list, so it is not retried)"
+        ),
+        "{}",
+        out.stdout
     );
 
     // A before-stage script: its reply read as a decision, which is not applied.

@@ -657,6 +657,18 @@ async fn hanging_receiver_times_out_and_the_relay_keeps_going() {
 // 5. Dead letters
 // ------------------------------------------------------------------------------------------------
 
+/// Client 7, then two updates of it: events "first" and "second" of one object.
+async fn first_and_second_update_of_client_7(db: &TestDb) {
+    db.client
+        .batch_execute(
+            "INSERT INTO clients (id, name) VALUES (7, 'a');
+             UPDATE clients SET name = 'first' WHERE id = 7;
+             UPDATE clients SET name = 'second' WHERE id = 7;",
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn exhausted_schedule_goes_dead_and_releases_the_object() {
     let db = TestDb::vcs().await;
@@ -675,19 +687,8 @@ async fn exhausted_schedule_goes_dead_and_releases_the_object() {
         "retry_schedule_ms = '{50,50}'",
     )
     .await;
-    db.client
-        .execute("INSERT INTO clients (id, name) VALUES (7, 'a')", &[])
-        .await
-        .unwrap();
     // Both events exist before the relay starts: the second waits behind the first.
-    db.client
-        .execute("UPDATE clients SET name = 'first' WHERE id = 7", &[])
-        .await
-        .unwrap();
-    db.client
-        .execute("UPDATE clients SET name = 'second' WHERE id = 7", &[])
-        .await
-        .unwrap();
+    first_and_second_update_of_client_7(&db).await;
     let relay = RunningRelay::start(&db, &[]).await;
 
     let got = rx.wait_for("/d", 4, WAIT).await;
@@ -741,6 +742,91 @@ async fn exhausted_schedule_goes_dead_and_releases_the_object() {
     })
     .await;
     relay.stop().await;
+}
+
+/// A status in the handler's `give_up_on` list ends the delivery as dead at once, schedule left
+/// or not, and the object's next delivery goes; other failures are still retried. Codes that mean
+/// something else (2xx, 410) or are no HTTP status are refused with the field named.
+#[tokio::test]
+async fn a_status_the_handler_gives_up_on_goes_dead_at_once_and_releases_the_object() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    rx.script([Answer::Status(500), Answer::Status(422)]);
+    let hid = add_handler(
+        &db.client,
+        "strict",
+        &["clients.update"],
+        "http",
+        &rx.url("/s"),
+        // three more attempts were left when the 422 came
+        "retry_schedule_ms = '{50,50,50,50}', give_up_on = '{400,422}'",
+    )
+    .await;
+    first_and_second_update_of_client_7(&db).await;
+    let relay = RunningRelay::start(&db, &[]).await;
+
+    let log = wait_attempts(&db, hid, 3).await;
+    let outcomes: Vec<(&str, Option<i32>, i32)> =
+        log.iter().map(|a| (a.0.as_str(), a.1, a.3)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("fail", Some(500), 1),
+            ("fail", Some(422), 2),
+            ("success", Some(200), 1)
+        ],
+        "500 retried, 422 not, and the second event went after it"
+    );
+    let got = rx.wait_for("/s", 3, WAIT).await;
+    assert!(got[2].body.contains("\"second\""), "{}", got[2].body);
+    let (status, attempts, last_error): (String, i32, Option<String>) =
+        eventually(WAIT, "the first event's delivery dead", || async {
+            let r = db
+                .client
+                .query_opt(
+                    "SELECT d.status, d.attempts, d.last_error FROM provisioning.deliveries d
+                       JOIN provisioning.events e ON e.id = d.event_id
+                      WHERE e.data->>'name' = 'first' AND d.status = 'dead'",
+                    &[],
+                )
+                .await
+                .unwrap()?;
+            Some((r.get(0), r.get(1), r.get(2)))
+        })
+        .await;
+    assert_eq!((status.as_str(), attempts), ("dead", 2));
+    let last_error = last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("422") && last_error.contains("give_up_on"),
+        "last_error: {last_error:?}"
+    );
+    assert!(
+        log[1].2.as_deref().unwrap_or("").contains("give_up_on"),
+        "the attempt log says why: {:?}",
+        log[1].2
+    );
+    relay.stop().await;
+    assert_eq!(rx.received_on("/s").len(), 3, "nothing more was sent");
+
+    for (list, says) in [
+        ("{200}", "HTTP statuses must be between 400 and 599"),
+        ("{410}", "not 410, which pauses the handler"),
+        ("{422,NULL}", "none of them NULL"),
+    ] {
+        let err = db
+            .client
+            .execute(
+                &format!("UPDATE provisioning.handlers SET give_up_on = '{list}' WHERE id = $1"),
+                &[&hid],
+            )
+            .await
+            .expect_err(list);
+        let msg = err.as_db_error().map(|e| e.message()).unwrap_or("");
+        assert!(
+            msg.contains("field \"give_up_on\"") && msg.contains(says),
+            "{list}: {msg}"
+        );
+    }
 }
 
 // ------------------------------------------------------------------------------------------------

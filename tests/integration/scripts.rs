@@ -303,6 +303,68 @@ async fn non_zero_exit_fails_is_retried_and_stderr_is_logged() {
     relay.stop().await;
 }
 
+/// An exit code in the handler's `give_up_on` list is final: the delivery is dead after that one
+/// attempt, with the reason in its error. Exit code 0 (success) cannot be listed.
+#[tokio::test]
+async fn an_exit_code_the_handler_gives_up_on_is_not_retried() {
+    let db = TestDb::vcs().await;
+    let refuses = add_handler(
+        &db.client,
+        "refuses",
+        &["clients.create"],
+        "script",
+        &fixture("fail_until.sh"),
+        &format!(
+            "{}, retry_schedule_ms = '{{50,50}}', give_up_on = '{{7}}'",
+            set_handler_args(&["99"])
+        ),
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
+    let last_error: Option<String> = eventually(WAIT, "dead", || async {
+        let r = db
+            .client
+            .query_one(
+                "SELECT status, last_error FROM provisioning.deliveries WHERE handler_id = $1",
+                &[&refuses],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, String>(0) == "dead").then(|| r.get(1))
+    })
+    .await;
+    relay.stop().await;
+    let last_error = last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("exit code 7 is in the handler's give_up_on list"),
+        "{last_error:?}"
+    );
+    let log = attempts_of(&db, refuses).await;
+    let summary: Vec<(&str, Option<i32>, i32)> = log
+        .iter()
+        .map(|a| (a.outcome.as_str(), a.exit_code, a.attempt))
+        .collect();
+    assert_eq!(summary, [("fail", Some(7), 1)], "one attempt, not three");
+
+    let err = db
+        .client
+        .execute(
+            "UPDATE provisioning.handlers SET give_up_on = '{0}' WHERE id = $1",
+            &[&refuses],
+        )
+        .await
+        .expect_err("exit code 0 is success");
+    let msg = err.as_db_error().map(|e| e.message()).unwrap_or("");
+    assert!(
+        msg.contains("field \"give_up_on\": exit codes must be between 1 and 255"),
+        "{msg}"
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // 15. Timeouts kill the whole process group
 // ------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ pub struct HandlerSpec {
     pub max_in_flight: Option<i32>,
     pub format: Option<String>,
     pub rate_limit_per_s: Option<i32>,
+    pub give_up_on: Option<Vec<i32>>,
 }
 
 /// The public view of a handler: the secret is never shown, only whether one is set.
@@ -35,6 +36,7 @@ const HANDLER_JSON: &str = "jsonb_build_object(
     'events', to_jsonb(h.events), 'stage', h.stage, 'kind', h.kind, 'target', h.target, 'args', to_jsonb(h.args),
     'timeout_ms', h.timeout_ms, 'retry_schedule_ms', to_jsonb(h.retry_schedule_ms), 'headers', h.headers,
     'secret_set', h.secret IS NOT NULL, 'max_in_flight', h.max_in_flight, 'format', h.format, 'rate_limit_per_s', h.rate_limit_per_s,
+    'give_up_on', to_jsonb(h.give_up_on),
     'created_at', h.created_at, 'updated_at', h.updated_at,
     'backlog', (SELECT count(*) FROM provisioning.deliveries d WHERE d.handler_id = h.id AND d.status IN ('waiting', 'pending', 'running')),
     'dead', (SELECT count(*) FROM provisioning.deliveries d WHERE d.handler_id = h.id AND d.status = 'dead'),
@@ -80,6 +82,7 @@ fn columns(spec: &HandlerSpec) -> Vec<(&'static str, Box<dyn ToSql + Sync + Send
     put!(max_in_flight);
     put!(format);
     put!(rate_limit_per_s);
+    put!(give_up_on);
     if let Some(h) = &spec.headers {
         cols.push(("headers", Box::new(Value::Object(h.clone()))));
     }

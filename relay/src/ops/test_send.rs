@@ -18,7 +18,7 @@ use crate::decisions::{self, Decision};
 use crate::delivery::envelope::{render, Event};
 use crate::delivery::{Reply, Request};
 use crate::handlers::{Handler, Kind, Stage, SELECT_HANDLERS};
-use crate::retry::{next_step, NextStep};
+use crate::retry::{given_up_on, next_step, NextStep};
 use crate::worker::Transports;
 
 use super::OpsError;
@@ -212,6 +212,9 @@ fn meaning(handler: &Handler, reply: &Reply, max_retry_after: Duration) -> Strin
         };
     }
     let why = reply.error.as_deref().unwrap_or("failed");
+    if let Some(code) = given_up_on(&handler.give_up_on, reply.http_status, reply.exit_code) {
+        return format!("{why}: a delivery would go dead at once ({code} is in the handler's give_up_on list, so it is not retried)");
+    }
     if reply.gone {
         return format!("{why}: a delivery would pause the handler (410 Gone) until it is resumed");
     }

@@ -27,6 +27,9 @@ pub struct Config {
     pub max_in_flight: u32,
     pub lease_margin_ms: u64,
     pub max_retry_after_ms: u64,
+    pub circuit_failures: u32,
+    pub circuit_pause_ms: u64,
+    pub circuit_max_pause_ms: u64,
     pub shutdown_grace_ms: u64,
     pub http_connect_timeout_ms: u64,
     pub response_limit_bytes: u32,
@@ -54,6 +57,9 @@ impl Default for Config {
             max_in_flight: 2048,
             lease_margin_ms: 30_000,
             max_retry_after_ms: 3_600_000,
+            circuit_failures: 10,
+            circuit_pause_ms: 5_000,
+            circuit_max_pause_ms: 300_000,
             shutdown_grace_ms: 10_000,
             http_connect_timeout_ms: 10_000,
             response_limit_bytes: 65_536,
@@ -249,6 +255,19 @@ impl Config {
                 0,
                 7 * 86_400_000,
             ),
+            (
+                "circuit_failures",
+                self.circuit_failures as u64,
+                0,
+                1_000_000,
+            ),
+            ("circuit_pause_ms", self.circuit_pause_ms, 10, 86_400_000),
+            (
+                "circuit_max_pause_ms",
+                self.circuit_max_pause_ms,
+                10,
+                86_400_000,
+            ),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 3_600_000),
             (
                 "http_connect_timeout_ms",
@@ -274,6 +293,15 @@ impl Config {
                 &format!(
                     "{} is below busy_poll_interval_ms ({}): pacing only ever lengthens the pause",
                     self.max_busy_poll_interval_ms, self.busy_poll_interval_ms
+                ),
+            ));
+        }
+        if self.circuit_max_pause_ms < self.circuit_pause_ms {
+            return Err(bad(
+                "circuit_max_pause_ms",
+                &format!(
+                    "{} is below circuit_pause_ms ({}): a failed probe only ever lengthens the pause",
+                    self.circuit_max_pause_ms, self.circuit_pause_ms
                 ),
             ));
         }
@@ -311,6 +339,11 @@ impl Config {
             lease_margin: Duration::from_millis(self.lease_margin_ms),
             max_retry_after: Duration::from_millis(self.max_retry_after_ms),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            breaker: crate::breaker::BreakerOptions {
+                failures: self.circuit_failures,
+                pause: Duration::from_millis(self.circuit_pause_ms),
+                max_pause: Duration::from_millis(self.circuit_max_pause_ms),
+            },
             ..WorkerOptions::default()
         }
     }
@@ -446,6 +479,13 @@ mod tests {
         .to_string();
         assert!(
             e.contains("`max_busy_poll_interval_ms`") && e.contains("below busy_poll_interval_ms"),
+            "{e}"
+        );
+        let e = Config::load(None, &[], &[("circuit_max_pause_ms".into(), "1000".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`circuit_max_pause_ms`") && e.contains("below circuit_pause_ms (5000)"),
             "{e}"
         );
     }

@@ -9,9 +9,11 @@
 //! - [`retry`]: the persisted retry schedule (a pure function).
 //! - [`worker`]: the dispatcher loop that ties it together.
 //! - [`pacing`]: fewer, bigger claims while the server is busy with other work.
+//! - [`breaker`]: holds a handler's deliveries while its receiver looks down.
 //! - [`config`]: configuration layering (file, environment, flags).
 
 pub mod admin;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::breaker::{health, Admission, Breaker, BreakerOptions, Transition};
 use crate::delivery::envelope::render;
 use crate::delivery::http::{HttpTransport, Target};
 use crate::delivery::script::ScriptTransport;
@@ -60,6 +61,8 @@ pub struct WorkerOptions {
     pub lease_check_interval: Duration,
     /// How often handler definitions are reloaded without a notification.
     pub handler_refresh_interval: Duration,
+    /// When a handler's receiver counts as down, and for how long its deliveries are held.
+    pub breaker: BreakerOptions,
 }
 
 impl Default for WorkerOptions {
@@ -79,6 +82,7 @@ impl Default for WorkerOptions {
             shutdown_grace: Duration::from_secs(10),
             lease_check_interval: Duration::from_secs(1),
             handler_refresh_interval: Duration::from_secs(1),
+            breaker: BreakerOptions::default(),
         }
     }
 }
@@ -122,6 +126,9 @@ struct Shared {
     next_due: Mutex<Option<Instant>>,
     /// Per rate-limited handler: when its next attempt may start.
     rate_slots: Mutex<HashMap<i64, Instant>>,
+    /// Per handler that had a failure: its receiver's circuit breaker (see `breaker`).
+    breakers: Mutex<HashMap<i64, Breaker>>,
+    breaker_options: BreakerOptions,
 }
 
 impl Shared {
@@ -132,6 +139,84 @@ impl Shared {
         let (start, after) = rate_slot(next, Instant::now(), handler.rate_limit_per_s);
         slots.insert(handler.id, after);
         start
+    }
+
+    /// Claim again at `at` at the latest (a retry or a probe falls due then).
+    fn wake_at(&self, at: Instant) {
+        let mut due = self.next_due.lock().expect("next_due lock");
+        *due = Some(due.map_or(at, |d| d.min(at)));
+    }
+
+    /// The breaker's word on starting delivery `delivery_id` of `handler` now.
+    fn admit(&self, handler: &Handler, delivery_id: i64) -> Admission {
+        let mut breakers = self.breakers.lock().expect("breakers lock");
+        let Some(b) = breakers.get_mut(&handler.id) else {
+            return Admission::Go;
+        };
+        // A probe's outcome is due within its timeout; a lost one lets another probe after twice.
+        let admission = b.admit(delivery_id, Instant::now(), handler.timeout * 2);
+        if let Admission::Hold(at) = admission {
+            drop(breakers);
+            self.wake_at(at);
+        }
+        admission
+    }
+
+    /// Feed the outcome of an attempt that ran (or None: handed back unstarted) to the breaker of
+    /// its handler; log and count what changed.
+    fn record(&self, handler: &Handler, delivery_id: i64, outcome: Option<&AttemptLog>) {
+        let mut breakers = self.breakers.lock().expect("breakers lock");
+        let Some(log) = outcome else {
+            if let Some(b) = breakers.get_mut(&handler.id) {
+                b.not_attempted(delivery_id, Instant::now());
+            }
+            return;
+        };
+        let health = health(
+            log.success,
+            log.http_status.map(|s| s as u16),
+            log.exit_code,
+        );
+        if health == crate::breaker::Health::Up && !breakers.contains_key(&handler.id) {
+            return; // the common case: no breaker state for a handler that never failed
+        }
+        let b = breakers.entry(handler.id).or_default();
+        let now = Instant::now();
+        let Some(change) = b.record(delivery_id, health, now, &self.breaker_options) else {
+            if b.is_closed() && health == crate::breaker::Health::Up {
+                breakers.remove(&handler.id);
+            }
+            return;
+        };
+        let probe_at = b.next_probe_at();
+        drop(breakers);
+        let error = log.error.as_deref().unwrap_or("");
+        match change {
+            Transition::Opened(pause) => {
+                tracing::warn!(
+                    handler = %handler.name, failures = self.breaker_options.failures, last_error = error,
+                    "the handler's receiver looks down ({} attempts in a row got no answer, a 502, 503, 504 or 429): \
+                     holding its deliveries for {pause:?} without spending their attempts, then one probe (circuit open)",
+                    self.breaker_options.failures
+                );
+                metrics::counter!("provisioning_circuit_opened_total", "handler" => handler.name.clone()).increment(1);
+            }
+            Transition::Reopened(pause) => {
+                tracing::warn!(handler = %handler.name, last_error = error, "the probe failed too: holding the handler's deliveries for {pause:?} (circuit open)");
+            }
+            Transition::Closed => {
+                tracing::info!(handler = %handler.name, "an attempt got through: delivering the handler's held deliveries again (circuit closed)");
+            }
+        }
+        let open = if change == Transition::Closed {
+            0.0
+        } else {
+            1.0
+        };
+        metrics::gauge!("provisioning_circuit_open", "handler" => handler.name.clone()).set(open);
+        if let Some(at) = probe_at {
+            self.wake_at(at);
+        }
     }
 }
 
@@ -196,6 +281,8 @@ impl Relay {
             total_in_flight: AtomicUsize::new(0),
             next_due: Mutex::new(None),
             rate_slots: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
+            breaker_options: options.breaker,
         });
         let handlers_changed = Arc::new(Notify::new());
         let background = CancellationToken::new();
@@ -435,6 +522,8 @@ fn wants(
         .max_in_flight
         .saturating_sub(total)
         .min(options.claim_batch);
+    let now = Instant::now();
+    let breakers = shared.breakers.lock().expect("breakers lock");
     let slots = shared.slots.lock().expect("slots lock");
     let mut demands: Vec<Demand> = snapshot
         .values()
@@ -442,9 +531,13 @@ fn wants(
         .map(|h| Demand {
             handler: h,
             claimed: slots.get(&h.id).map_or(0, HandlerSlots::claimed),
+            cap: breakers.get(&h.id).and_then(|b| b.claim_cap(now)),
         })
+        // an open breaker: none of the handler's deliveries until its probe is due
+        .filter(|d| d.cap != Some(0))
         .collect();
     drop(slots);
+    drop(breakers);
     demands.sort_by_key(|d| (d.handler.priority, d.handler.id));
     plan_claims(&demands, room, options.lease_margin)
 }
@@ -454,6 +547,8 @@ struct Demand<'a> {
     handler: &'a Arc<Handler>,
     /// Its deliveries claimed by this process and not yet finished (running or waiting).
     claimed: usize,
+    /// The most its breaker lets it have claimed (1: a probe), if it is not closed.
+    cap: Option<usize>,
 }
 
 /// Split `room` (what the process-wide limit and the claim batch allow) between the handlers, in
@@ -479,10 +574,12 @@ fn plan_claims(demands: &[Demand<'_>], mut room: usize, lease_margin: Duration) 
     // before its claim goes stale, and no more taken from other relays.
     let window = |d: &Demand<'_>| {
         let w = (1 + WAITING_MULTIPLE) * (d.handler.max_in_flight as usize).max(1);
-        match rate(d) {
+        let w = match rate(d) {
             0 => w,
             r => w.min(2 * r),
-        }
+        };
+        // (a cap of 0 never gets here: wants() leaves such handlers out)
+        w.min(d.cap.unwrap_or(usize::MAX)).max(1)
     };
     let limit = |d: &Demand<'_>| (d.handler.max_in_flight as usize).clamp(1, window(d));
     // Worth a claim: nothing claimed yet, or at least half a max_in_flight (capped as above) free.
@@ -649,12 +746,32 @@ impl Attempts {
                         token,
                         "its lease would have run out during the attempt (it waited too long for a slot or its handler's rate limit)",
                     )
+                } else if let Some(at) = handler
+                    .as_ref()
+                    .filter(|h| h.status == Status::Enabled)
+                    .and_then(|h| match this.shared.admit(h, delivery_id) {
+                        Admission::Hold(at) => Some(at),
+                        Admission::Go | Admission::Probe => None,
+                    })
+                {
+                    // Claimed before the breaker opened: back to the queue, no attempt spent.
+                    let wait = at.saturating_duration_since(Instant::now());
+                    release(
+                        delivery_id,
+                        handler_id,
+                        token,
+                        &format!("held: the handler's receiver looks down (circuit open); the next probe goes in {wait:.1?}"),
+                    )
                 } else {
-                    tokio::select! {
+                    let completion = tokio::select! {
                         biased;
                         _ = this.hard_stop.cancelled() => release(delivery_id, handler_id, token, "relay shut down during the attempt"),
-                        done = deliver(handler, c, &this.transports, &this.store, this.max_retry_after) => done,
+                        done = deliver(handler.clone(), c, &this.transports, &this.store, this.max_retry_after) => done,
+                    };
+                    if let Some(h) = &handler {
+                        this.shared.record(h, delivery_id, completion.log.as_ref());
                     }
+                    completion
                 };
                 // (Per-object order does not depend on this task: the delivery stays `running` in
                 // the database, blocking its object's next one, until the outcome is committed.)
@@ -1067,11 +1184,25 @@ mod tests {
     const MARGIN: Duration = Duration::from_secs(30);
 
     fn plan(demands: &[(&Arc<Handler>, usize)], room: usize) -> Vec<(i64, i32, u64)> {
+        plan_capped(
+            &demands
+                .iter()
+                .map(|(h, n)| (*h, *n, None))
+                .collect::<Vec<_>>(),
+            room,
+        )
+    }
+
+    fn plan_capped(
+        demands: &[(&Arc<Handler>, usize, Option<usize>)],
+        room: usize,
+    ) -> Vec<(i64, i32, u64)> {
         let demands: Vec<Demand> = demands
             .iter()
-            .map(|(h, claimed)| Demand {
+            .map(|(h, claimed, cap)| Demand {
                 handler: h,
                 claimed: *claimed,
+                cap: *cap,
             })
             .collect();
         plan_claims(&demands, room, MARGIN)
@@ -1161,6 +1292,17 @@ mod tests {
         let fast = limited(2, 128, 1000);
         assert_eq!(plan(&[(&fast, 0)], 500), vec![(2, 384, 60)]);
         assert_eq!(plan(&[(&handler(3, 128), 0)], 500), vec![(3, 384, 60)]);
+    }
+
+    #[test]
+    fn a_handler_whose_breaker_is_due_a_probe_claims_one_delivery_and_nothing_while_it_runs() {
+        let h = handler(1, 128);
+        let other = handler(2, 4);
+        assert_eq!(
+            plan_capped(&[(&h, 0, Some(1)), (&other, 0, None)], 500),
+            vec![(1, 1, 10 + 30), (2, 12, 30 + 30)]
+        );
+        assert_eq!(plan_capped(&[(&h, 1, Some(1))], 500), vec![]);
     }
 
     #[test]

@@ -892,6 +892,120 @@ async fn a_failing_handler_never_delays_another() {
     relay.stop().await;
 }
 
+/// A receiver that is down trips its handler's circuit breaker: after `circuit_failures` failures
+/// in a row the relay holds the handler's deliveries (handed back unattempted, so they keep their
+/// attempts) and sends one probe per pause; a handler of the same events with a healthy receiver
+/// goes on meanwhile. Once a probe gets through, the held backlog goes, and only a few deliveries
+/// ever spent an attempt.
+#[tokio::test]
+async fn a_receiver_that_is_down_trips_the_breaker_and_held_deliveries_keep_their_attempts() {
+    let db = TestDb::vcs().await;
+    let down = Receiver::start().await;
+    down.set_default(Answer::Status(503));
+    let healthy = Receiver::start().await;
+    let hid = add_handler(
+        &db.client,
+        "down",
+        &["clients.create"],
+        "http",
+        &down.url("/d"),
+        "max_in_flight = 2, retry_schedule_ms = '{1000,1000,1000,1000,1000,1000,1000,1000,1000,1000}'",
+    )
+    .await;
+    add_handler(
+        &db.client,
+        "healthy",
+        &["clients.create"],
+        "http",
+        &healthy.url("/h"),
+        "",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, 20) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut relay = RelayProcess::spawn(
+        &db,
+        "breaker",
+        &[
+            ("circuit_failures", "3"),
+            ("circuit_pause_ms", "300"),
+            ("circuit_max_pause_ms", "300"),
+        ],
+        &[],
+    );
+    // the healthy handler is not held up
+    healthy.wait_for("/h", 20, WAIT).await;
+    // the first failures, then one probe per pause
+    let got = down.wait_for("/d", 9, WAIT).await;
+    let gaps = got
+        .windows(2)
+        .filter(|w| w[1].at - w[0].at >= Duration::from_millis(290))
+        .count();
+    assert!(
+        gaps >= 4,
+        "probes come one per 300 ms pause: {gaps} gaps of that size among {:?}",
+        got.windows(2)
+            .map(|w| w[1].at - w[0].at)
+            .collect::<Vec<_>>()
+    );
+    // The receiver comes back: the next probe closes the breaker and the backlog goes.
+    down.set_default(Answer::Status(200));
+    eventually(WAIT, "every delivery of the held handler done", || async {
+        (count(
+            &db.client,
+            &format!("SELECT count(*) FROM provisioning.deliveries WHERE handler_id = {hid}"),
+        )
+        .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    let failed = count(
+        &db.client,
+        &format!(
+            "SELECT count(DISTINCT delivery_id) FROM provisioning.attempts
+              WHERE handler_id = {hid} AND outcome = 'fail'"
+        ),
+    )
+    .await;
+    assert!(
+        failed < 15,
+        "{failed} of 20 deliveries spent an attempt on the receiver that was down"
+    );
+    let ok = count(
+        &db.client,
+        &format!(
+            "SELECT count(DISTINCT delivery_id) FROM provisioning.attempts
+              WHERE handler_id = {hid} AND outcome = 'success'"
+        ),
+    )
+    .await;
+    assert_eq!(ok, 20);
+    // Held deliveries went back without spending an attempt: each success is numbered one past
+    // its delivery's logged failures.
+    let skipped = count(
+        &db.client,
+        &format!(
+            "SELECT count(*) FROM provisioning.attempts a
+              WHERE a.handler_id = {hid} AND a.outcome = 'success'
+                AND a.attempt <> 1 + (SELECT count(*) FROM provisioning.attempts f
+                                       WHERE f.delivery_id = a.delivery_id AND f.outcome = 'fail')"
+        ),
+    )
+    .await;
+    assert_eq!(skipped, 0, "attempt numbers spent without an attempt");
+    relay.sigterm();
+    assert!(relay.wait_exit(WAIT).await.success());
+    let log = relay.log_text();
+    assert!(log.contains("(circuit open)"), "{log}");
+    assert!(log.contains("(circuit closed)"), "{log}");
+}
+
 // ------------------------------------------------------------------------------------------------
 // 7. Per-object order under failures and retries
 // ------------------------------------------------------------------------------------------------

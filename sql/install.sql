@@ -449,6 +449,9 @@ CREATE UNLOGGED TABLE IF NOT EXISTS provisioning.relays (
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 );
+-- The relay's open circuit breakers (handlers whose deliveries it holds while their receiver
+-- looks down): [{"handler_id": .., "since": .., "next_probe_at": ..}], for relay status.
+ALTER TABLE provisioning.relays ADD COLUMN IF NOT EXISTS circuits jsonb NOT NULL DEFAULT '[]';
 
 ------------------------------------------------------------------------------------------------------
 -- Capture. For every watched table and operation, declare_event() generates a trigger

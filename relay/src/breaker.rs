@@ -99,6 +99,8 @@ enum State {
 pub struct Breaker {
     failures_in_a_row: u32,
     state: State,
+    /// When it last opened from closed (for operators: how long deliveries have been held).
+    opened_at: Option<Instant>,
 }
 
 impl Breaker {
@@ -159,6 +161,7 @@ impl Breaker {
                     until: now + pause,
                     pause,
                 };
+                self.opened_at = Some(now);
                 Some(Transition::Opened(pause))
             }
             (
@@ -204,6 +207,11 @@ impl Breaker {
             State::Open { until, .. } => Some(usize::from(now >= until)),
             State::Probing { expires, .. } => Some(usize::from(now >= expires)),
         }
+    }
+
+    /// Since when it has held deliveries, if it does.
+    pub fn held_since(&self) -> Option<Instant> {
+        self.opened_at.filter(|_| !self.is_closed())
     }
 
     /// When the breaker next admits a probe, if it holds deliveries now.
@@ -260,6 +268,7 @@ mod tests {
             Some(Transition::Opened(Duration::from_secs(5)))
         );
         assert_eq!(b.claim_cap(t0), Some(0));
+        assert_eq!(b.held_since(), Some(t0));
         let until = t0 + Duration::from_secs(5);
         assert_eq!(b.admit(7, t0, PROBE), Admission::Hold(until));
         assert_eq!(b.next_probe_at(), Some(until));
@@ -275,6 +284,7 @@ mod tests {
             Some(Transition::Closed)
         );
         assert!(b.is_closed());
+        assert_eq!(b.held_since(), None);
         assert_eq!(b.claim_cap(until), None);
         assert_eq!(b.admit(11, until, PROBE), Admission::Go);
         // closed again with the count reset

@@ -557,6 +557,7 @@ impl Table {
                 ("IN FLIGHT", "in_flight"),
                 ("DEAD", "dead"),
                 ("OLDEST PENDING (s)", "oldest_pending_age_s"),
+                ("CIRCUIT", "circuit_open"),
             ],
         }
     }
@@ -582,6 +583,40 @@ fn cell(v: &Value) -> String {
         format!("{}…", s.chars().take(59).collect::<String>())
     } else {
         s
+    }
+}
+
+/// A handler's open circuit breakers (one per relay that holds its deliveries), as
+/// "open on r1 since 12:03:05, next probe 12:03:15"; "-" when none is open.
+fn circuit_cell(open: &Value) -> String {
+    let time = |v: &Value| {
+        v.as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or("?".to_string(), |t| {
+                t.with_timezone(&chrono::Local)
+                    .format("%H:%M:%S")
+                    .to_string()
+            })
+    };
+    let parts: Vec<String> = open
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    format!(
+                        "open on {} since {}, next probe {}",
+                        c["relay"].as_str().unwrap_or("?"),
+                        time(&c["since"]),
+                        time(&c["next_probe_at"])
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
     }
 }
 
@@ -639,6 +674,8 @@ pub fn render_table(table: Table, value: &Value) -> String {
                         } else {
                             cell(&r["http_status"])
                         }
+                    } else if *h == "CIRCUIT" {
+                        circuit_cell(&r[*k])
                     } else {
                         cell(&r[*k])
                     }
@@ -736,4 +773,35 @@ pub fn render_test(v: &Value) -> String {
     }
     out.push_str(&format!("=> {}\n", s(&v["meaning"])));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn circuit_cell_names_each_relay_holding_the_handler() {
+        assert_eq!(circuit_cell(&Value::Null), "-");
+        let open = serde_json::json!([
+            {"relay": "r1", "since": "2026-12-07T10:00:00Z", "next_probe_at": "2026-12-07T10:00:05Z"},
+            {"relay": "r2", "since": "2026-12-07T10:00:01Z", "next_probe_at": null}
+        ]);
+        let text = circuit_cell(&open);
+        let local = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .with_timezone(&chrono::Local)
+                .format("%H:%M:%S")
+                .to_string()
+        };
+        assert_eq!(
+            text,
+            format!(
+                "open on r1 since {}, next probe {}; open on r2 since {}, next probe ?",
+                local("2026-12-07T10:00:00Z"),
+                local("2026-12-07T10:00:05Z"),
+                local("2026-12-07T10:00:01Z")
+            )
+        );
+    }
 }

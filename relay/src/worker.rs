@@ -116,6 +116,33 @@ impl HandlerSlots {
     }
 }
 
+/// An open breaker: its handler's id, since when it holds deliveries, when it next probes.
+type OpenCircuit = (i64, Instant, Option<Instant>);
+
+/// Open breakers as `relay status` reads them: `[{handler_id, since, next_probe_at}]`.
+fn circuits_json(open: &[OpenCircuit]) -> serde_json::Value {
+    let now = Instant::now();
+    let wall = |t: Instant| -> String {
+        let utc = if t >= now {
+            Utc::now() + chrono::Duration::from_std(t - now).unwrap_or_default()
+        } else {
+            Utc::now() - chrono::Duration::from_std(now - t).unwrap_or_default()
+        };
+        utc.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    serde_json::Value::Array(
+        open.iter()
+            .map(|(id, since, probe)| {
+                serde_json::json!({
+                    "handler_id": id,
+                    "since": wall(*since),
+                    "next_probe_at": probe.map(wall),
+                })
+            })
+            .collect(),
+    )
+}
+
 /// Counters shared by the dispatcher and the completer.
 struct Shared {
     /// Rung by completions (capacity freed), the doorbell, handler changes, recovered leases.
@@ -139,6 +166,18 @@ impl Shared {
         let (start, after) = rate_slot(next, Instant::now(), handler.rate_limit_per_s);
         slots.insert(handler.id, after);
         start
+    }
+
+    /// The open breakers: (handler id, held since, next probe), ordered by handler.
+    fn open_circuits(&self) -> Vec<OpenCircuit> {
+        let breakers = self.breakers.lock().expect("breakers lock");
+        let mut open: Vec<OpenCircuit> = breakers
+            .iter()
+            .filter_map(|(id, b)| Some((*id, b.held_since()?, b.next_probe_at())))
+            .collect();
+        drop(breakers);
+        open.sort_by_key(|o| o.0);
+        open
     }
 
     /// Claim again at `at` at the latest (a retry or a probe falls due then).
@@ -328,7 +367,7 @@ impl Relay {
         );
         tasks.spawn(maintain(
             store.clone(),
-            shared.wake.clone(),
+            shared.clone(),
             options.lease_check_interval,
             background.clone(),
         ));
@@ -1121,9 +1160,13 @@ async fn refresh_handlers(
 }
 
 /// Heartbeat, lease recovery, and outbox vacuuming where autovacuum does not keep up.
-async fn maintain(store: Store, wake: Arc<Notify>, interval: Duration, stop: CancellationToken) {
+async fn maintain(store: Store, shared: Arc<Shared>, interval: Duration, stop: CancellationToken) {
+    let wake = &shared.wake;
     let mut last_heartbeat = Instant::now();
     let mut last_vacuum_check = Instant::now();
+    // the circuits last published (none at start), and whether publishing ever failed
+    let mut circuits: Vec<OpenCircuit> = Vec::new();
+    let mut circuits_warned = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -1147,6 +1190,18 @@ async fn maintain(store: Store, wake: Arc<Notify>, interval: Duration, stop: Can
             last_heartbeat = Instant::now();
             if let Err(e) = store.heartbeat().await {
                 tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+        // Open breakers, for `relay status`: written when they change (or a probe time moved).
+        let now_open = shared.open_circuits();
+        if now_open != circuits {
+            match store.record_circuits(&circuits_json(&now_open)).await {
+                Ok(()) => circuits = now_open,
+                Err(e) if !circuits_warned => {
+                    circuits_warned = true;
+                    tracing::warn!(error = %e, "cannot publish open circuit breakers for `relay status` (is the schema older than this relay? run `relay migrate`); delivery is not affected");
+                }
+                Err(_) => {}
             }
         }
     }

@@ -953,6 +953,25 @@ async fn a_receiver_that_is_down_trips_the_breaker_and_held_deliveries_keep_thei
             .map(|w| w[1].at - w[0].at)
             .collect::<Vec<_>>()
     );
+    // `relay status` (and the web page) show the handler held, by this relay, and no other.
+    let held = |status: &serde_json::Value, name: &str| {
+        status["handlers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap()["circuit_open"]
+            .clone()
+    };
+    eventually(WAIT, "relay status shows the open breaker", || async {
+        let s = relay::ops::queries::status(&db.client).await.unwrap();
+        let open = held(&s, "down");
+        (open[0]["relay"] == "breaker" && !open[0]["next_probe_at"].is_null()).then_some(())
+    })
+    .await;
+    let s = relay::ops::queries::status(&db.client).await.unwrap();
+    assert!(held(&s, "healthy").is_null(), "{s:#}");
+
     // The receiver comes back: the next probe closes the breaker and the backlog goes.
     down.set_default(Answer::Status(200));
     eventually(WAIT, "every delivery of the held handler done", || async {
@@ -999,6 +1018,11 @@ async fn a_receiver_that_is_down_trips_the_breaker_and_held_deliveries_keep_thei
     )
     .await;
     assert_eq!(skipped, 0, "attempt numbers spent without an attempt");
+    eventually(WAIT, "relay status shows the breaker closed", || async {
+        let s = relay::ops::queries::status(&db.client).await.unwrap();
+        held(&s, "down").is_null().then_some(())
+    })
+    .await;
     relay.sigterm();
     assert!(relay.wait_exit(WAIT).await.success());
     let log = relay.log_text();

@@ -459,7 +459,14 @@ pub async fn status(client: &impl GenericClient) -> Result<Value, OpsError> {
                           count(d.id) FILTER (WHERE d.status IN ('waiting', 'pending', 'running')) AS backlog,
                           count(d.id) FILTER (WHERE d.status = 'running') AS in_flight,
                           count(d.id) FILTER (WHERE d.status = 'dead') AS dead,
-                          round(extract(epoch FROM now() - min(d.created_at) FILTER (WHERE d.status IN ('waiting', 'pending', 'running')))::numeric, 3) AS oldest_pending_age_s
+                          round(extract(epoch FROM now() - min(d.created_at) FILTER (WHERE d.status IN ('waiting', 'pending', 'running')))::numeric, 3) AS oldest_pending_age_s,
+                          -- live relays whose circuit breaker holds this handler's deliveries
+                          (SELECT jsonb_agg(jsonb_build_object('relay', r.name, 'since', c -> 'since',
+                                                               'next_probe_at', c -> 'next_probe_at') ORDER BY r.name)
+                             FROM provisioning.relays r
+                            CROSS JOIN LATERAL jsonb_array_elements(coalesce(to_jsonb(r) -> 'circuits', '[]')) c
+                            WHERE r.heartbeat_at > now() - interval '30 seconds'
+                              AND (c ->> 'handler_id')::bigint = h.id) AS circuit_open
                      FROM provisioning.handlers h
                      LEFT JOIN provisioning.deliveries d ON d.handler_id = h.id
                     WHERE h.status <> 'archived'

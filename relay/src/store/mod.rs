@@ -406,6 +406,19 @@ impl Store {
         Ok(())
     }
 
+    /// Publish this relay's open circuit breakers (`relay status` shows them): a JSON array of
+    /// `{handler_id, since, next_probe_at}`.
+    pub async fn record_circuits(&self, circuits: &serde_json::Value) -> Result<(), StoreError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE provisioning.relays SET circuits = $2 WHERE name = $1",
+                &[&self.relay_name, circuits],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn unregister(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await?;
         client

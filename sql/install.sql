@@ -182,8 +182,14 @@ BEGIN
         RAISE EXCEPTION 'invalid handler "%": field "headers": must be a JSON object of header-name -> string value', NEW.name
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.secret IS NOT NULL AND length(NEW.secret) < 8 THEN
-        RAISE EXCEPTION 'invalid handler "%": field "secret": too short (at least 8 characters; whsec_<base64> recommended)', NEW.name
+    -- One secret, or (while rotating) several separated by spaces: each request is signed with each.
+    IF NEW.secret IS NOT NULL AND (btrim(NEW.secret, E' \t\r\n') = ''
+        OR EXISTS (SELECT 1 FROM regexp_split_to_table(btrim(NEW.secret, E' \t\r\n'), '\s+') k WHERE length(k) < 8)) THEN
+        RAISE EXCEPTION 'invalid handler "%": field "secret": too short (at least 8 characters per secret; whsec_<base64> recommended)', NEW.name
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.secret IS NOT NULL AND cardinality(regexp_split_to_array(btrim(NEW.secret, E' \t\r\n'), '\s+')) > 5 THEN
+        RAISE EXCEPTION 'invalid handler "%": field "secret": at most 5 secrets (separated by spaces, for rotation)', NEW.name
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW.events IS NULL OR cardinality(NEW.events) = 0 THEN

@@ -168,7 +168,8 @@ pub struct SpecArgs {
     /// Extra HTTP header NAME=VALUE; repeatable.
     #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_kv)]
     pub headers: Vec<(String, String)>,
-    /// Signing secret (prefer --secret-env: arguments are visible to other local users).
+    /// Signing secret (prefer --secret-env: arguments are visible to other local users). While
+    /// rotating: the new and the old secret separated by a space; each request is signed with both.
     #[arg(long)]
     pub secret: Option<String>,
     /// Read the signing secret from this environment variable.

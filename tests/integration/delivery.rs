@@ -94,6 +94,73 @@ async fn delivers_jerasoft_envelope_byte_exact_with_headers_and_signature() {
     relay.stop().await;
 }
 
+/// A handler rotating its secret holds the new and the old one, separated by a space: each
+/// request carries one signature per secret, so a receiver verifies it with either key (the
+/// standardwebhooks crate as the independent check), and with no other. Too many secrets, or one
+/// too short among them, are refused.
+#[tokio::test]
+async fn a_handler_rotating_its_secret_signs_with_the_new_and_the_old_one() {
+    let db = TestDb::vcs().await;
+    let rx = Receiver::start().await;
+    let (new, old) = (
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+    );
+    let hid = add_handler(
+        &db.client,
+        "rotating",
+        &["clients.create"],
+        "http",
+        &rx.url("/r"),
+        &format!("secret = '{new} {old}'"),
+    )
+    .await;
+    let relay = RunningRelay::start(&db, &[]).await;
+    db.client
+        .execute("INSERT INTO clients (name) VALUES ('x')", &[])
+        .await
+        .unwrap();
+    let got = rx.wait_for("/r", 1, WAIT).await;
+    relay.stop().await;
+    let sigs = got[0].header("webhook-signature").unwrap();
+    assert_eq!(sigs.split(' ').count(), 2, "{sigs}");
+    let headers = http_headers(&got[0]);
+    for key in [new, old] {
+        standardwebhooks::Webhook::new(key)
+            .unwrap()
+            .verify(got[0].body.as_bytes(), &headers)
+            .unwrap_or_else(|e| panic!("verifies with {key}: {e:?}"));
+    }
+    let stranger = standardwebhooks::Webhook::new("whsec_dGhpcyBpcyBub3QgdGhlIGtleQ==").unwrap();
+    assert!(stranger.verify(got[0].body.as_bytes(), &headers).is_err());
+
+    for (secret, says) in [
+        (
+            format!("{new} short"),
+            "too short (at least 8 characters per secret",
+        ),
+        ([new; 6].join(" "), "at most 5 secrets"),
+    ] {
+        let err = db
+            .client
+            .execute(
+                "UPDATE provisioning.handlers SET secret = $1 WHERE id = $2",
+                &[&secret, &hid],
+            )
+            .await
+            .expect_err(says);
+        let msg = err.as_db_error().map(|e| e.message()).unwrap_or("");
+        assert!(
+            msg.contains("field \"secret\"") && msg.contains(says),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains(new),
+            "the secret is never in the message: {msg}"
+        );
+    }
+}
+
 fn http_headers(r: &crate::receiver::Received) -> axum::http::HeaderMap {
     r.headers.clone()
 }

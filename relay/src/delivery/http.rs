@@ -199,7 +199,8 @@ fn build_headers(target: &Target<'_>, req: &Request) -> Result<HeaderMap, String
     h.insert("webhook-id", header_value(&req.webhook_id)?);
     h.insert("webhook-timestamp", HeaderValue::from(timestamp));
     if let Some(secret) = target.secret {
-        let sig = signing::sign(secret, &req.webhook_id, timestamp, req.body.as_bytes());
+        let sig =
+            signing::signature_header(secret, &req.webhook_id, timestamp, req.body.as_bytes());
         h.insert("webhook-signature", header_value(&sig)?);
     }
     h.insert("x-provisioning-event", header_value(&req.event_name)?);

@@ -22,6 +22,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
+/// A line for the user. Output they stopped reading (`relay demo | head`) is dropped: the demo
+/// still runs to its end and removes the cluster and database it created.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// A PostgreSQL cluster in a temporary directory; stopped and deleted on drop.
 pub struct TempCluster {
     pub dir: PathBuf,
@@ -220,7 +229,7 @@ async fn start_echo(counter: Arc<AtomicUsize>) -> anyhow::Result<SocketAddr> {
             let counter = counter.clone();
             async move {
                 let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                println!("  delivery #{n} → {}", String::from_utf8_lossy(&body));
+                say!("  delivery #{n} → {}", String::from_utf8_lossy(&body));
                 body
             }
         }),
@@ -271,15 +280,15 @@ pub async fn run(
             })?;
         let url = crate::db::url_with_db(&base.database_url, &name);
         dropper = Some((base.database_url.clone(), name));
-        println!(
+        say!(
             "Using a throwaway database on {}",
             crate::db::redact_url(&url)
         );
         url
     } else {
-        println!("No DATABASE_URL: starting a throwaway PostgreSQL cluster…");
+        say!("No DATABASE_URL: starting a throwaway PostgreSQL cluster…");
         let c = tokio::task::spawn_blocking(TempCluster::start).await??;
-        println!(
+        say!(
             "PostgreSQL running in {} on port {}",
             c.dir.display(),
             c.port
@@ -303,7 +312,7 @@ pub async fn run(
     if let Some(c) = cluster {
         let dir = c.dir.clone();
         tokio::task::spawn_blocking(move || drop(c)).await?;
-        println!("Stopped PostgreSQL and removed {}", dir.display());
+        say!("Stopped PostgreSQL and removed {}", dir.display());
     }
     result
 }
@@ -318,7 +327,7 @@ async fn demo_body(
     tokio::spawn(conn);
     crate::schema::migrate(&client).await?;
     crate::schema::install_vcs_preset(&client).await?;
-    println!("Installed the provisioning schema and the VCS preset (clients, accounts, client_packages).");
+    say!("Installed the provisioning schema and the VCS preset (clients, accounts, client_packages).");
 
     let received = Arc::new(AtomicUsize::new(0));
     let echo = start_echo(received.clone()).await?;
@@ -330,7 +339,7 @@ async fn demo_body(
             &[&target],
         )
         .await?;
-    println!("Registered handler demo-echo for clients.* → {target}");
+    say!("Registered handler demo-echo for clients.* → {target}");
 
     let mut config = base.clone();
     config.database_url = url.to_string();
@@ -343,7 +352,7 @@ async fn demo_body(
     let relay_config = config.clone();
     let relay_token = relay_stop.clone();
     let relay = tokio::spawn(async move { crate::service::run(&relay_config, relay_token).await });
-    println!(
+    say!(
         "Relay running; admin page: http://{}/   (Ctrl-C to stop)\n",
         config.admin_listen
     );
@@ -363,13 +372,13 @@ async fn demo_body(
             _ = &mut until_stop => break,
             _ = tokio::time::sleep(Duration::from_millis(800)) => {}
         }
-        println!("change: {what}\n  SQL: {sql}");
+        say!("change: {what}\n  SQL: {sql}");
         client.execute(*sql, &[]).await?;
     }
     (&mut until_stop).await;
     relay_stop.cancel();
     relay.await??;
-    println!(
+    say!(
         "\nDemo stopped: {} deliveries received.",
         received.load(Ordering::SeqCst)
     );

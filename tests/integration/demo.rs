@@ -57,3 +57,59 @@ async fn demo_shows_deliveries_and_cleans_up() {
         String::from_utf8_lossy(&ps.stdout)
     );
 }
+
+/// `relay demo | head`: once nobody reads its output, the demo still runs to its end, exits 0 and
+/// removes its cluster (a panic at the first line it could not print left PostgreSQL running).
+#[tokio::test]
+async fn demo_whose_output_is_closed_still_cleans_up() {
+    let (status, dir, stderr) = tokio::task::spawn_blocking(|| {
+        use std::io::{BufRead, BufReader, Read};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args([
+                "demo",
+                "--duration",
+                "6s",
+                "--set",
+                "admin_listen=127.0.0.1:0",
+            ])
+            .env_remove("DATABASE_URL")
+            .env_remove("RELAY_DATABASE_URL")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run relay demo");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let dir = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| {
+                l.strip_prefix("PostgreSQL running in ")
+                    .and_then(|r| r.split(" on port").next())
+                    .map(str::to_string)
+            })
+            .expect("the demo names its cluster directory");
+        drop(lines); // the reader goes away, as `head` does
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (child.wait().unwrap(), dir, stderr)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "{dir} was left behind"
+    );
+    let ps = Command::new("pgrep").args(["-f", &dir]).output().unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}

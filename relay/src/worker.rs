@@ -143,6 +143,13 @@ fn circuits_json(open: &[OpenCircuit]) -> serde_json::Value {
     )
 }
 
+/// A handler's breaker, for the target it was tripped by: a handler pointed elsewhere (or
+/// removed) starts afresh.
+struct TargetBreaker {
+    kind: Kind,
+    breaker: Breaker,
+}
+
 /// Counters shared by the dispatcher and the completer.
 struct Shared {
     /// Rung by completions (capacity freed), the doorbell, handler changes, recovered leases.
@@ -154,7 +161,7 @@ struct Shared {
     /// Per rate-limited handler: when its next attempt may start.
     rate_slots: Mutex<HashMap<i64, Instant>>,
     /// Per handler that had a failure: its receiver's circuit breaker (see `breaker`).
-    breakers: Mutex<HashMap<i64, Breaker>>,
+    breakers: Mutex<HashMap<i64, TargetBreaker>>,
     breaker_options: BreakerOptions,
 }
 
@@ -173,11 +180,32 @@ impl Shared {
         let breakers = self.breakers.lock().expect("breakers lock");
         let mut open: Vec<OpenCircuit> = breakers
             .iter()
-            .filter_map(|(id, b)| Some((*id, b.held_since()?, b.next_probe_at())))
+            .filter_map(|(id, t)| {
+                let b = &t.breaker;
+                Some((*id, b.held_since()?, b.next_probe_at()))
+            })
             .collect();
         drop(breakers);
         open.sort_by_key(|o| o.0);
         open
+    }
+
+    /// Forget the breakers of handlers that are gone or now point at another target (an operator
+    /// who fixed a handler's URL gets its deliveries going without waiting for the next probe).
+    fn forget_stale_breakers(&self, snapshot: &HashMap<i64, Arc<Handler>>) {
+        let mut breakers = self.breakers.lock().expect("breakers lock");
+        breakers.retain(|id, t| {
+            let current = snapshot.get(id);
+            let keep = current.is_some_and(|h| h.kind == t.kind);
+            if !keep && !t.breaker.is_closed() {
+                if let Some(h) = current {
+                    tracing::info!(handler = %h.name, "the handler's target changed: its circuit breaker starts afresh (circuit closed)");
+                    metrics::gauge!("provisioning_circuit_open", "handler" => h.name.clone())
+                        .set(0.0);
+                }
+            }
+            keep
+        });
     }
 
     /// Claim again at `at` at the latest (a retry or a probe falls due then).
@@ -189,11 +217,13 @@ impl Shared {
     /// The breaker's word on starting delivery `delivery_id` of `handler` now.
     fn admit(&self, handler: &Handler, delivery_id: i64) -> Admission {
         let mut breakers = self.breakers.lock().expect("breakers lock");
-        let Some(b) = breakers.get_mut(&handler.id) else {
+        let Some(t) = breakers.get_mut(&handler.id) else {
             return Admission::Go;
         };
         // A probe's outcome is due within its timeout; a lost one lets another probe after twice.
-        let admission = b.admit(delivery_id, Instant::now(), handler.timeout * 2);
+        let admission = t
+            .breaker
+            .admit(delivery_id, Instant::now(), handler.timeout * 2);
         if let Admission::Hold(at) = admission {
             drop(breakers);
             self.wake_at(at);
@@ -206,8 +236,8 @@ impl Shared {
     fn record(&self, handler: &Handler, delivery_id: i64, outcome: Option<&AttemptLog>) {
         let mut breakers = self.breakers.lock().expect("breakers lock");
         let Some(log) = outcome else {
-            if let Some(b) = breakers.get_mut(&handler.id) {
-                b.not_attempted(delivery_id, Instant::now());
+            if let Some(t) = breakers.get_mut(&handler.id) {
+                t.breaker.not_attempted(delivery_id, Instant::now());
             }
             return;
         };
@@ -219,7 +249,13 @@ impl Shared {
         if health == crate::breaker::Health::Up && !breakers.contains_key(&handler.id) {
             return; // the common case: no breaker state for a handler that never failed
         }
-        let b = breakers.entry(handler.id).or_default();
+        let b = &mut breakers
+            .entry(handler.id)
+            .or_insert_with(|| TargetBreaker {
+                kind: handler.kind.clone(),
+                breaker: Breaker::default(),
+            })
+            .breaker;
         let now = Instant::now();
         let Some(change) = b.record(delivery_id, health, now, &self.breaker_options) else {
             if b.is_closed() && health == crate::breaker::Health::Up {
@@ -459,6 +495,7 @@ async fn dispatch(
             return;
         }
         let snapshot = registry.snapshot();
+        shared.forget_stale_breakers(&snapshot);
         // A handler whose in-flight limit was raised: start waiting deliveries in the new slots.
         attempts.start_waiting(&snapshot);
         let wants = wants(&snapshot, shared, options);
@@ -570,7 +607,7 @@ fn wants(
         .map(|h| Demand {
             handler: h,
             claimed: slots.get(&h.id).map_or(0, HandlerSlots::claimed),
-            cap: breakers.get(&h.id).and_then(|b| b.claim_cap(now)),
+            cap: breakers.get(&h.id).and_then(|t| t.breaker.claim_cap(now)),
         })
         // an open breaker: none of the handler's deliveries until its probe is due
         .filter(|d| d.cap != Some(0))

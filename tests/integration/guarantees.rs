@@ -1030,6 +1030,53 @@ async fn a_receiver_that_is_down_trips_the_breaker_and_held_deliveries_keep_thei
     assert!(log.contains("(circuit closed)"), "{log}");
 }
 
+/// An operator who points a held handler at a working target does not wait for the breaker's next
+/// probe (a minute away here): the breaker starts afresh with the new target.
+#[tokio::test]
+async fn a_held_handler_pointed_at_another_target_goes_at_once() {
+    let db = TestDb::vcs().await;
+    let down = Receiver::start().await;
+    down.set_default(Answer::Status(503));
+    let fixed = Receiver::start().await;
+    let hid = add_handler(
+        &db.client,
+        "moving",
+        &["clients.create"],
+        "http",
+        &down.url("/old"),
+        "max_in_flight = 1, retry_schedule_ms = '{60000,60000}'",
+    )
+    .await;
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, 5) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(
+        &db,
+        &[("circuit_failures", "2"), ("circuit_pause_ms", "60000")],
+    )
+    .await;
+    eventually(WAIT, "the breaker holds the handler", || async {
+        let s = relay::ops::queries::status(&db.client).await.unwrap();
+        s["handlers"][0]["circuit_open"].is_array().then_some(())
+    })
+    .await;
+    assert_eq!(down.received_on("/old").len(), 2, "two failures, then held");
+    db.client
+        .execute(
+            "UPDATE provisioning.handlers SET target = $1 WHERE id = $2",
+            &[&fixed.url("/new"), &hid],
+        )
+        .await
+        .unwrap();
+    // the three never attempted go at once; the two that failed wait for their retry (60 s)
+    fixed.wait_for("/new", 3, Duration::from_secs(20)).await;
+    relay.stop().await;
+}
+
 // ------------------------------------------------------------------------------------------------
 // 7. Per-object order under failures and retries
 // ------------------------------------------------------------------------------------------------

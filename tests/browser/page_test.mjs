@@ -71,6 +71,12 @@ try {
       && problems[0].includes("SELECT provisioning.refresh('public.accounts')"),
     `capture problems shown: ${JSON.stringify(problems)}`,
   );
+  // The test published an open circuit breaker for the handler, as a relay does: shown.
+  const held = await page.$$eval("#circuits:not([hidden]) li", (lis) => lis.map((li) => li.textContent));
+  check(
+    held.length === 1 && held[0].startsWith(handler + ": held by relay r-breaker since ") && held[0].includes(", next probe "),
+    `held handlers shown: ${JSON.stringify(held)}`,
+  );
   const handlers = await page.$$eval("#handlers tbody tr", (trs) => trs.map((tr) => tr.dataset.name));
   check(handlers.includes(handler), `handler ${handler} listed in ${JSON.stringify(handlers)}`);
 

@@ -131,6 +131,16 @@ async fn web_page_filters_the_log_and_retries_a_dead_delivery_in_chromium() {
         .batch_execute("DROP TRIGGER prov_capture_delete ON accounts")
         .await
         .unwrap();
+    // an open circuit breaker on billing, as a live relay publishes it
+    db.client
+        .batch_execute(
+            "INSERT INTO provisioning.relays (name, circuits)
+             SELECT 'r-breaker', jsonb_build_array(jsonb_build_object(
+                        'handler_id', id, 'since', now(), 'next_probe_at', now() + interval '5 seconds'))
+               FROM provisioning.handlers WHERE name = 'billing'",
+        )
+        .await
+        .unwrap();
     let server = AdminServer::start(&db, TOKEN, true).await;
 
     let screenshot = target_dir().join("browser-screenshot.png");

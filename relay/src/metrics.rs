@@ -73,6 +73,14 @@ pub fn describe() {
         Unit::Seconds,
         "Current pause between claims while work trickles in (longer on a busy server)"
     );
+    describe_gauge!(
+        "provisioning_circuit_open",
+        "1 while this relay's circuit breaker holds the handler's deliveries (its receiver looks down)"
+    );
+    describe_counter!(
+        "provisioning_circuit_opened_total",
+        "Times this relay's circuit breaker opened for the handler"
+    );
     describe_histogram!(
         "provisioning_delivery_latency_seconds",
         Unit::Seconds,

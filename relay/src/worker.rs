@@ -147,6 +147,8 @@ fn circuits_json(open: &[OpenCircuit]) -> serde_json::Value {
 /// removed) starts afresh.
 struct TargetBreaker {
     kind: Kind,
+    /// The handler's name then (its metric's label, also once the handler is gone).
+    name: String,
     breaker: Breaker,
 }
 
@@ -197,12 +199,21 @@ impl Shared {
         breakers.retain(|id, t| {
             let current = snapshot.get(id);
             let keep = current.is_some_and(|h| h.kind == t.kind);
-            if !keep && !t.breaker.is_closed() {
-                if let Some(h) = current {
-                    tracing::info!(handler = %h.name, "the handler's target changed: its circuit breaker starts afresh (circuit closed)");
-                    metrics::gauge!("provisioning_circuit_open", "handler" => h.name.clone())
+            if let Some(h) = current.filter(|h| keep && h.name != t.name) {
+                // renamed: the open breaker's metric moves to the new name
+                if !t.breaker.is_closed() {
+                    metrics::gauge!("provisioning_circuit_open", "handler" => t.name.clone())
                         .set(0.0);
+                    metrics::gauge!("provisioning_circuit_open", "handler" => h.name.clone())
+                        .set(1.0);
                 }
+                t.name = h.name.clone();
+            }
+            if !keep && !t.breaker.is_closed() {
+                if current.is_some() {
+                    tracing::info!(handler = %t.name, "the handler's target changed: its circuit breaker starts afresh (circuit closed)");
+                }
+                metrics::gauge!("provisioning_circuit_open", "handler" => t.name.clone()).set(0.0);
             }
             keep
         });
@@ -253,6 +264,7 @@ impl Shared {
             .entry(handler.id)
             .or_insert_with(|| TargetBreaker {
                 kind: handler.kind.clone(),
+                name: handler.name.clone(),
                 breaker: Breaker::default(),
             })
             .breaker;

@@ -1097,6 +1097,63 @@ async fn scrape(server: &AdminServer) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses")
 }
 
+/// The breaker's metrics: `provisioning_circuit_open` is 1 while the relay holds a handler's
+/// deliveries and back to 0 once the handler is gone (no alert left firing for it), and
+/// `provisioning_circuit_opened_total` counts the openings.
+#[tokio::test]
+async fn circuit_breaker_metrics_follow_the_breaker() {
+    let db = TestDb::vcs().await;
+    relay::metrics::install();
+    relay::metrics::describe();
+    let name = format!("breaker_{}", uuid::Uuid::new_v4().simple());
+    let down = crate::receiver::Receiver::start().await;
+    down.set_default(crate::receiver::Answer::Status(503));
+    let hid = add_handler(
+        &db.client,
+        &name,
+        &["clients.create"],
+        "http",
+        &down.url("/down"),
+        "max_in_flight = 1, retry_schedule_ms = '{60000}'",
+    )
+    .await;
+    let server = AdminServer::start(&db, TOKEN, true).await;
+    db.client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, 4) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    let relay = RunningRelay::start(
+        &db,
+        &[("circuit_failures", "2"), ("circuit_pause_ms", "60000")],
+    )
+    .await;
+    let open = [("handler", name.as_str())];
+    eventually(WAIT, "provisioning_circuit_open = 1", || async {
+        let s = scrape(&server).await;
+        (sample_sum(&s, "provisioning_circuit_open", &open) == 1.0).then_some(s)
+    })
+    .await;
+    let s = scrape(&server).await;
+    assert_eq!(
+        sample_sum(&s, "provisioning_circuit_opened_total", &open),
+        1.0
+    );
+    // the handler removed (its deliveries go with it): the gauge falls back to 0
+    db.client
+        .execute("DELETE FROM provisioning.handlers WHERE id = $1", &[&hid])
+        .await
+        .unwrap();
+    eventually(WAIT, "provisioning_circuit_open = 0", || async {
+        let s = scrape(&server).await;
+        (sample_sum(&s, "provisioning_circuit_open", &open) == 0.0).then_some(())
+    })
+    .await;
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_move_as_deliveries_happen() {
     let db = TestDb::vcs().await;

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::breaker::{health, Admission, Breaker, BreakerOptions, Transition};
+use crate::breaker::{health, Admission, Breaker, BreakerOptions, Health, Transition};
 use crate::delivery::envelope::render;
 use crate::delivery::http::{HttpTransport, Target};
 use crate::delivery::script::ScriptTransport;
@@ -257,7 +257,7 @@ impl Shared {
             log.http_status.map(|s| s as u16),
             log.exit_code,
         );
-        if health == crate::breaker::Health::Up && !breakers.contains_key(&handler.id) {
+        if health == Health::Up && !breakers.contains_key(&handler.id) {
             return; // the common case: no breaker state for a handler that never failed
         }
         let b = &mut breakers
@@ -270,7 +270,7 @@ impl Shared {
             .breaker;
         let now = Instant::now();
         let Some(change) = b.record(delivery_id, health, now, &self.breaker_options) else {
-            if b.is_closed() && health == crate::breaker::Health::Up {
+            if b.is_closed() && health == Health::Up {
                 breakers.remove(&handler.id);
             }
             return;
@@ -502,12 +502,21 @@ async fn dispatch(
     let mut last_work: Option<Instant> = None;
     let mut busy_pause = options.busy_poll_interval;
     let mut error_backoff = Duration::from_millis(100);
+    // the handler snapshot the breakers were last checked against
+    let mut breakers_checked: Option<Arc<HashMap<i64, Arc<Handler>>>> = None;
     loop {
         if shutdown.is_cancelled() {
             return;
         }
         let snapshot = registry.snapshot();
-        shared.forget_stale_breakers(&snapshot);
+        // (the registry swaps its snapshot only when a handler changed)
+        if !breakers_checked
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &snapshot))
+        {
+            shared.forget_stale_breakers(&snapshot);
+            breakers_checked = Some(snapshot.clone());
+        }
         // A handler whose in-flight limit was raised: start waiting deliveries in the new slots.
         attempts.start_waiting(&snapshot);
         let wants = wants(&snapshot, shared, options);

@@ -1118,18 +1118,8 @@ async fn circuit_breaker_metrics_follow_the_breaker() {
     )
     .await;
     let server = AdminServer::start(&db, TOKEN, true).await;
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, 4) i",
-            &[],
-        )
-        .await
-        .unwrap();
-    let relay = RunningRelay::start(
-        &db,
-        &[("circuit_failures", "2"), ("circuit_pause_ms", "60000")],
-    )
-    .await;
+    create_clients(&db.client, 4).await;
+    let relay = RunningRelay::start(&db, BREAKER_TRIPS_FAST).await;
     let open = [("handler", name.as_str())];
     eventually(WAIT, "provisioning_circuit_open = 1", || async {
         let s = scrape(&server).await;

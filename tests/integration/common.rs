@@ -192,6 +192,22 @@ pub async fn add_handler(
     id
 }
 
+/// `n` new clients (names c1..cn), one `clients.create` event each, in one transaction.
+pub async fn create_clients(client: &Client, n: i32) {
+    client
+        .execute(
+            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, $1) i",
+            &[&n],
+        )
+        .await
+        .expect("create clients");
+}
+
+/// Relay settings that trip a handler's circuit breaker after two unavailable answers and hold
+/// its deliveries for a minute (longer than any wait of a test that uses them).
+pub const BREAKER_TRIPS_FAST: &[(&str, &str)] =
+    &[("circuit_failures", "2"), ("circuit_pause_ms", "60000")];
+
 /// Count rows of a query returning one bigint.
 pub async fn count(client: &Client, sql: &str) -> i64 {
     client

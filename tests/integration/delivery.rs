@@ -310,13 +310,7 @@ async fn a_rate_limited_handler_gets_its_backlog_spaced_and_other_handlers_do_no
             .contains("field \"rate_limit_per_s\": must be between 0 (no limit) and 100000"),
         "{err}"
     );
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 25) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    create_clients(&db.client, 25).await;
     let relay = RunningRelay::start(&db, &[]).await;
     let free = rx.wait_for("/free", 25, WAIT).await;
     let quota_when_free_done = rx.received_on("/quota").len();

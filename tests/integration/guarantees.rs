@@ -921,13 +921,7 @@ async fn a_receiver_that_is_down_trips_the_breaker_and_held_deliveries_keep_thei
         "",
     )
     .await;
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, 20) i",
-            &[],
-        )
-        .await
-        .unwrap();
+    create_clients(&db.client, 20).await;
     let mut relay = RelayProcess::spawn(
         &db,
         "breaker",
@@ -1047,18 +1041,8 @@ async fn a_held_handler_pointed_at_another_target_goes_at_once() {
         "max_in_flight = 1, retry_schedule_ms = '{60000,60000}'",
     )
     .await;
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || i FROM generate_series(1, 5) i",
-            &[],
-        )
-        .await
-        .unwrap();
-    let relay = RunningRelay::start(
-        &db,
-        &[("circuit_failures", "2"), ("circuit_pause_ms", "60000")],
-    )
-    .await;
+    create_clients(&db.client, 5).await;
+    let relay = RunningRelay::start(&db, BREAKER_TRIPS_FAST).await;
     eventually(WAIT, "the breaker holds the handler", || async {
         let s = relay::ops::queries::status(&db.client).await.unwrap();
         s["handlers"][0]["circuit_open"].is_array().then_some(())
@@ -1682,13 +1666,7 @@ async fn sigterm_during_a_drain_finishes_in_flight_work_and_exits_cleanly() {
         "timeout_ms = 5000, max_in_flight = 4",
     )
     .await;
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 40) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    create_clients(&db.client, 40).await;
     let mut r1 = RelayProcess::spawn(&db, "r1", &[("shutdown_grace_ms", "5000")], &[]);
     eventually(WAIT, "draining with deliveries in flight", || async {
         let running = count(
@@ -1786,13 +1764,7 @@ async fn sigterm_releases_work_that_outlives_the_grace_period() {
         "timeout_ms = 60000, max_in_flight = 3",
     )
     .await;
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 5) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    create_clients(&db.client, 5).await;
     let mut r1 = RelayProcess::spawn(&db, "r1", &[("shutdown_grace_ms", "1000")], &[]);
     // All 5 claimed: 3 hanging attempts (the handler's limit) and 2 waiting for a slot.
     eventually(
@@ -2119,13 +2091,7 @@ async fn a_handlers_in_flight_limit_holds() {
     )
     .await;
     // 15 different objects: per-object order does not limit them, only the handler's slots do
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 15) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    create_clients(&db.client, 15).await;
     let relay = RunningRelay::start(&db, &[]).await;
     let got = rx.wait_for("/s", 15, WAIT).await;
     relay.stop().await;
@@ -2166,13 +2132,7 @@ async fn four_slow_deliveries(
         handler,
     )
     .await;
-    db.client
-        .execute(
-            "INSERT INTO clients (name) SELECT 'c' || g FROM generate_series(1, 4) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    create_clients(&db.client, 4).await;
     let relay = RunningRelay::start(&db, &[("lease_margin_ms", lease_margin_ms)]).await;
     eventually(WAIT, &format!("{claimed} deliveries claimed"), || async {
         let running = count(
